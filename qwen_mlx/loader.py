@@ -1,0 +1,188 @@
+"""`load(path)`: a local model folder -> (model, tokenizer).
+
+Reads config.json, the safetensors shards (through their index when there
+is one), maps tensor names per family, quantizes the modules that arrive
+quantized (mlx-lm's `quantization` block), and casts to the compute dtype.
+Only safetensors are read: nothing from a checkpoint is executed or
+unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .errors import QwenMLXError, WeightsError
+from .model import Model
+from .weights import module_paths, sanitize
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def load(path: str | Path, *, dtype: str | mx.Dtype | None = None,
+         rope_scaling: Mapping[str, Any] | None = None) -> tuple[Model, Any]:
+    """Load a Qwen model folder (Hugging Face or mlx-lm layout).
+
+    Args:
+        path: a local folder with config.json and *.safetensors.
+        dtype: compute dtype for the unquantized tensors ("float32",
+            "bfloat16", "float16"); default: see `default_dtype`.
+        rope_scaling: replaces the config's rope scaling, e.g.
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}.
+
+    Returns:
+        (model, tokenizer): the tokenizer is a `tokenizers.Tokenizer` from
+        tokenizer.json, or None when the folder has none.
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise QwenMLXError(f"{folder}: no such model folder")
+    config = ModelConfig.from_file(folder / "config.json", rope_scaling=rope_scaling)
+    weights, origin = read_safetensors(folder)
+    model = build_model(config, weights, origin)
+    model.set_dtype(resolve_dtype(dtype, config, weights))
+    mx.eval(model.parameters())
+    return model, load_tokenizer(folder)
+
+
+def build_model(config: ModelConfig, weights: dict[str, mx.array],
+                origin: dict[str, str] | None = None) -> Model:
+    """Build the model for `config` and load checkpoint tensors into it."""
+    origin = origin or {}
+    weights = sanitize(weights, config)
+    model = Model(config)
+    if config.quantization is not None:
+        _quantize_like_checkpoint(model, config, weights)
+    _check_weights(model, weights, origin, config)
+    model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+def read_safetensors(folder: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """Every tensor in the folder's safetensors shards, and the file each came from."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise WeightsError(f"{index} names {f.name}, which is missing from {folder}; "
+                                   "the download or conversion is incomplete: fetch it again")
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for pat in _PICKLE_PATTERNS for p in folder.glob(pat))
+        if pickles:
+            raise WeightsError(
+                f"{folder} holds only PyTorch pickle weights ({', '.join(pickles[:3])}); "
+                "qwen-mlx never unpickles checkpoints, since that can run code. Use the "
+                "safetensors release of this model, or convert it to safetensors first")
+        raise WeightsError(f"{folder}: no *.safetensors weight files found")
+    weights: dict[str, mx.array] = {}
+    origin: dict[str, str] = {}
+    for f in files:
+        try:
+            shard = mx.load(str(f), format="safetensors")
+        except Exception as e:  # mlx raises RuntimeError/ValueError for bad files
+            raise WeightsError(f"{f}: cannot be read as safetensors ({e}); the file is "
+                               "truncated or corrupt: download or convert it again") from None
+        for name, w in shard.items():
+            if name in weights:
+                raise WeightsError(f"tensor '{name}' appears in both {origin[name]} and {f.name}")
+            weights[name], origin[name] = w, f.name
+    return weights, origin
+
+
+def _quantize_like_checkpoint(model: Model, config: ModelConfig, weights: dict) -> None:
+    """Swap in quantized modules wherever the checkpoint holds quantized weights."""
+    q = config.quantization
+    overrides = {path: value for key, value in q.items() if isinstance(value, (bool, dict))
+                 for path in module_paths(key, config)}
+
+    def predicate(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        if isinstance(overrides.get(path), dict):
+            return dict(overrides[path])
+        # Recover the packing from the shapes, as mlx-lm does: the top-level
+        # default can be wrong for layers a recipe gave other bits.
+        scales = weights[f"{path}.scales"]
+        in_dims = module.weight.shape[-1]
+        bits = weights[f"{path}.weight"].shape[-1] * 32 // in_dims
+        mode = q.get("mode", "affine")
+        return {"group_size": in_dims // scales.shape[-1], "bits": bits, "mode": mode}
+
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
+                mode=q.get("mode", "affine"), class_predicate=predicate)
+
+
+def _check_weights(model: Model, weights: dict, origin: dict, config: ModelConfig) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise WeightsError(
+            f"the checkpoint lacks {len(missing)} tensor(s) that {config.source} calls for, "
+            f"e.g. {', '.join(missing[:3])}; the weights do not match the config, or a shard "
+            "is missing")
+    if extra:
+        raise WeightsError(
+            f"the checkpoint holds {len(extra)} tensor(s) that {config.source} does not call "
+            f"for, e.g. {', '.join(extra[:3])}; the weights do not match the config")
+    for name, param in expected.items():
+        if tuple(weights[name].shape) != tuple(param.shape):
+            where = origin.get(name, "the checkpoint")
+            raise WeightsError(
+                f"'{name}' in {where} has shape {list(weights[name].shape)} but "
+                f"{config.source} implies {list(param.shape)}; the weights do not match the config")
+
+
+def default_dtype(config: ModelConfig, weights: dict[str, mx.array]) -> mx.Dtype:
+    """The checkpoint's own float dtype on Metal and CUDA; float32 on the CPU.
+
+    MLX's CPU kernels run bfloat16 several times slower than float32 (a
+    Qwen3-0.6B-shaped 4-bit model decodes at ~0.3 tok/s in bf16 and ~2.4
+    tok/s in float32 on a 2-core x86 runner; benchmarks/ measures it), so on
+    the CPU the extra memory buys a large speed-up.
+    """
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    if config.torch_dtype in DTYPES:
+        return DTYPES[config.torch_dtype]
+    for name, w in weights.items():
+        if mx.issubdtype(w.dtype, mx.floating):
+            return w.dtype
+    return mx.float32
+
+
+def resolve_dtype(dtype: str | mx.Dtype | None, config: ModelConfig, weights: dict) -> mx.Dtype:
+    if dtype is None:
+        return default_dtype(config, weights)
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise QwenMLXError(f"dtype '{dtype}' is not supported; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(folder: Path):
+    """A `tokenizers.Tokenizer` from tokenizer.json, or None when there is none."""
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise QwenMLXError(f"{path}: cannot be read as a tokenizers JSON file ({e})") from None

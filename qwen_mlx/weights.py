@@ -1,0 +1,136 @@
+"""Checkpoint tensor names -> our module names (spec §4).
+
+Our names are mlx-lm's Qwen2/Qwen3 names, so Hugging Face Qwen1.5/2/2.5/3
+checkpoints and mlx-lm folders mostly pass through. What changes per family:
+- Qwen1: `transformer.h.N.*` renamed; the fused `c_attn` split into q/k/v.
+- MoE: `experts.{e}.*_proj` (or transformers 5's fused `experts.gate_up_proj`)
+  stacked into `switch_mlp.*_proj` as [E, out, in].
+- Qwen2/2.5-VL: the language model's prefix stripped, the vision tower skipped.
+Buffers that are not weights (`rotary_emb.inv_freq`, Qwen1's mask buffers)
+are dropped, and so is a tied checkpoint's redundant `lm_head`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+
+import mlx.core as mx
+
+from .config import ModelConfig
+from .errors import WeightsError
+
+_QWEN1_RENAMES = [
+    (re.compile(r"^transformer\.wte\."), "model.embed_tokens."),
+    (re.compile(r"^transformer\.ln_f\."), "model.norm."),
+    (re.compile(r"^transformer\.h\.(\d+)\.ln_1\."), r"model.layers.\1.input_layernorm."),
+    (re.compile(r"^transformer\.h\.(\d+)\.ln_2\."), r"model.layers.\1.post_attention_layernorm."),
+    (re.compile(r"^transformer\.h\.(\d+)\.attn\.c_proj\."), r"model.layers.\1.self_attn.o_proj."),
+    # Qwen1's w2 is the SiLU (gate) branch and w1 the linear (up) branch.
+    (re.compile(r"^transformer\.h\.(\d+)\.mlp\.w2\."), r"model.layers.\1.mlp.gate_proj."),
+    (re.compile(r"^transformer\.h\.(\d+)\.mlp\.w1\."), r"model.layers.\1.mlp.up_proj."),
+    (re.compile(r"^transformer\.h\.(\d+)\.mlp\.c_proj\."), r"model.layers.\1.mlp.down_proj."),
+]
+_C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(\w+)$")
+_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp)\.experts\.(gate_up_proj|down_proj)$")
+_VL_PREFIXES = [("model.language_model.", "model."), ("language_model.model.", "model."),
+                ("language_model.lm_head.", "lm_head.")]
+
+
+def _is_buffer(name: str) -> bool:
+    parts = name.split(".")
+    return name.endswith("rotary_emb.inv_freq") or parts[-2:] in (["attn", "masked_bias"],
+                                                                   ["attn", "bias"])
+
+
+def qwen1_name(name: str) -> str:
+    """Our module path for a Qwen1 (or mlx-lm Qwen1) tensor or module path."""
+    for pattern, repl in _QWEN1_RENAMES:
+        if pattern.match(name):
+            return pattern.sub(repl, name)
+    return name
+
+
+def module_paths(path: str, config: ModelConfig) -> list[str]:
+    """Our module path(s) for a checkpoint's module path (Qwen1's c_attn becomes three)."""
+    if config.family != "qwen":
+        return [path]
+    m = _C_ATTN.match(path + ".weight")
+    if m:
+        return [f"model.layers.{m.group(1)}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    return [qwen1_name(path + ".")[:-1]]
+
+
+def sanitize(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    """Map a checkpoint's tensors onto the model's parameter names."""
+    out: dict[str, mx.array] = {}
+    experts: dict[tuple, dict[int, mx.array]] = defaultdict(dict)
+    skipped_vision = 0
+    for name, w in weights.items():
+        if _is_buffer(name):
+            continue
+        if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+            if name.startswith(("visual.", "model.visual.", "vision_tower.")):
+                skipped_vision += 1
+                continue
+            for old, new in _VL_PREFIXES:
+                if name.startswith(old):
+                    name = new + name[len(old):]
+                    break
+        if config.family == "qwen":
+            m = _C_ATTN.match(name)
+            if m:
+                _split_c_attn(out, m.group(1), m.group(2), w, config)
+                continue
+            name = qwen1_name(name)
+        m = _EXPERT.match(name)
+        if m:
+            prefix, e, proj, suffix = m.groups()
+            experts[(prefix, proj, suffix)][int(e)] = w
+            continue
+        m = _FUSED_EXPERTS.match(name)
+        if m:
+            _unfuse_experts(out, m.group(1), m.group(2), w, config)
+            continue
+        out[name] = w
+    for (prefix, proj, suffix), by_index in experts.items():
+        count = config.moe.num_experts if config.moe else len(by_index)
+        missing = [e for e in range(count) if e not in by_index]
+        if missing:
+            raise WeightsError(f"{prefix}.experts.{missing[0]}.{proj}.{suffix} is missing from the "
+                               f"checkpoint ({len(missing)} of {count} experts lack it)")
+        out[f"{prefix}.switch_mlp.{proj}.{suffix}"] = mx.stack([by_index[e] for e in range(count)])
+    if config.tie_word_embeddings:
+        out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
+    if skipped_vision:
+        print(f"qwen-mlx: skipping the vision tower ({skipped_vision} tensors); "
+              "only the language model is loaded", file=sys.stderr)
+    return out
+
+
+def _split_c_attn(out: dict, layer: str, suffix: str, w: mx.array, config: ModelConfig) -> None:
+    # Rows [0,H) are q, [H,2H) k, [2H,3H) v; for a quantized c_attn the packed
+    # weight, scales and biases split along the same rows.
+    h = config.hidden_size
+    if w.shape[0] != 3 * h:
+        raise WeightsError(f"transformer.h.{layer}.attn.c_attn.{suffix} has {w.shape[0]} rows; "
+                           f"hidden_size {h} in {config.source} implies {3 * h}")
+    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+        out[f"model.layers.{layer}.self_attn.{proj}.{suffix}"] = w[i * h:(i + 1) * h]
+
+
+def _unfuse_experts(out: dict, prefix: str, kind: str, w: mx.array, config: ModelConfig) -> None:
+    # transformers 5's in-memory layout: gate_up_proj [E, 2I, H] (gate rows
+    # first) and down_proj [E, H, I].
+    inter = config.moe.intermediate_size if config.moe else w.shape[1] // 2
+    if kind == "gate_up_proj":
+        if w.shape[-1] == 2 * inter and w.shape[1] != 2 * inter:
+            w = w.swapaxes(1, 2)
+        out[f"{prefix}.switch_mlp.gate_proj.weight"] = w[:, :inter]
+        out[f"{prefix}.switch_mlp.up_proj.weight"] = w[:, inter:]
+    else:
+        if w.shape[1] == inter and w.shape[2] != inter:
+            w = w.swapaxes(1, 2)
+        out[f"{prefix}.switch_mlp.down_proj.weight"] = w
