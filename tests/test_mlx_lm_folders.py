@@ -394,3 +394,40 @@ def test_cached_decode_matches_full_forward(folders, name):
     # and the decoded steps agree with mlx-lm's full forward too
     ref = _mlx_lm_logits(folder, PROMPT)
     assert _max_diff(full, ref) <= QUANT_TOL
+
+
+# More (token, expert) pairs than the gathered-matmul sorting threshold (64 in
+# mlx-lm's SwitchGLU), so the sorted path of the expert kernels runs too.
+LONG_PROMPT = np.random.RandomState(99).randint(0, TOKENIZER_VOCAB, size=48).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe-f32", "qwen3_moe-q4g32", "qwen3_moe-q4g64-bf16"])
+def test_moe_long_prompt_matches_mlx_lm(folders, name):
+    folder = folders.converted(name)
+    ref = _mlx_lm_logits(folder, LONG_PROMPT)
+    model, _ = _qwen_mlx_load(folder)
+    ours = _logits(model, LONG_PROMPT)
+    diff = _max_diff(ours, ref)
+    print(f"[qwen_mlx vs mlx-lm, 48 tokens] {name}: max|diff| = {diff:.3g}")
+    assert diff <= (QUANT_TOL if VARIANTS[name][1].get("quantize") else FLOAT_TOL)
+
+
+TEXTS = [
+    "hello world, the quick fox 42!  \n x",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "naïve café 東京 🙂\tdef main():\n    return 42",
+]
+
+
+@pytest.mark.parametrize("name", ["qwen2-q4g32", "qwen3_moe-q4g64-bf16"])
+def test_tokenizer_matches_mlx_lm(folders, name):
+    """The folder's tokenizer (rewritten by mlx-lm's save) reads the same in both."""
+    folder = folders.converted(name)
+    _, ref_tok = mlx_lm.load(str(folder))
+    _, tok = _qwen_mlx_load(folder)
+    assert tok is not None, "the converted folder has tokenizer.json"
+    for text in TEXTS:
+        enc = tok.encode(text, add_special_tokens=False)
+        ids = list(enc.ids) if hasattr(enc, "ids") else list(enc)
+        assert ids == list(ref_tok.encode(text, add_special_tokens=False)), text
+        assert tok.decode(ids, skip_special_tokens=False) == text
