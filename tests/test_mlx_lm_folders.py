@@ -16,7 +16,10 @@ Everything is built here, nothing is downloaded:
    width 32 stay unquantized), 8-bit, and one folder split into several
    safetensors shards by mlx-lm's own writer;
 3. both `mlx_lm.load` and `qwen_mlx.load(..., dtype="float32")` load each
-   folder and their logits on the same prompt are compared.
+   folder and their logits on the same prompt are compared; for MoE folders
+   also on a 48-token prompt (enough (token, expert) pairs for the sorted
+   gathered-matmul path), through the KV cache (prefill 8, decode 4), and the
+   folder's tokenizer is checked against mlx-lm's.
 
 The configs avoid the places where mlx-lm itself is wrong (it makes every
 qwen2_moe layer sparse, ignores qwen2_moe's norm_topk_prob, and knows no
@@ -165,9 +168,9 @@ def _build_hf_checkpoint(family: str, folder: Path):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.08)
     model.save_pretrained(str(folder))
     # Written as Qwen's hub configs (transformers 4) have it: a top-level
-    # rope_theta, and num_experts for qwen3_moe. transformers 5 writes
-    # rope_parameters and num_local_experts, which mlx-lm 0.32 cannot read
-    # for every family (qwen3_moe needs rope_theta and num_experts).
+    # rope_theta, num_experts for qwen3_moe and torch_dtype. transformers 5
+    # writes rope_parameters, num_local_experts and dtype, which mlx-lm 0.32
+    # cannot read for every family (qwen3_moe needs rope_theta and num_experts).
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("rope_parameters", None)
@@ -175,6 +178,8 @@ def _build_hf_checkpoint(family: str, folder: Path):
     cfg["rope_scaling"] = None
     if "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
     cfg_path.write_text(json.dumps(cfg, indent=2))
     _build_tokenizer(folder)
     return model
