@@ -25,8 +25,11 @@ class SwitchLinear(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices,
-                            sorted_indices=sorted_indices)
+        # The loader keeps these weights in float32 on the CPU, whose gather_mm
+        # supports nothing else; the casts are no-ops everywhere else.
+        y = mx.gather_mm(x.astype(self.weight.dtype), self.weight.swapaxes(-1, -2),
+                         rhs_indices=indices, sorted_indices=sorted_indices)
+        return y.astype(x.dtype)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_):
         return QuantizedSwitchLinear(self.weight, group_size, bits, mode)

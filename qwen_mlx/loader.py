@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .errors import QwenMLXError, WeightsError
+from .experts import SwitchLinear
 from .model import Model
 from .weights import module_paths, sanitize
 
@@ -47,7 +48,7 @@ def load(path: str | Path, *, dtype: str | mx.Dtype | None = None,
     config = ModelConfig.from_file(folder / "config.json", rope_scaling=rope_scaling)
     weights, origin = read_safetensors(folder)
     model = build_model(config, weights, origin)
-    model.set_dtype(resolve_dtype(dtype, config, weights))
+    set_compute_dtype(model, resolve_dtype(dtype, config, weights))
     mx.eval(model.parameters())
     return model, load_tokenizer(folder)
 
@@ -147,6 +148,16 @@ def _check_weights(model: Model, weights: dict, origin: dict, config: ModelConfi
                 f"{config.source} implies {list(param.shape)}; the weights do not match the config")
 
 
+def set_compute_dtype(model: Model, dtype: mx.Dtype) -> None:
+    """Cast the float parameters; packed quantized weights stay as they are."""
+    model.set_dtype(dtype)
+    if dtype != mx.float32 and mx.default_device() == mx.cpu:
+        # MLX's CPU gather_mm runs in float32 only (mlx 0.32).
+        for _, module in model.named_modules():
+            if isinstance(module, SwitchLinear):
+                module.set_dtype(mx.float32)
+
+
 def default_dtype(config: ModelConfig, weights: dict[str, mx.array]) -> mx.Dtype:
     """The checkpoint's own float dtype on Metal and CUDA; float32 on the CPU.
 
@@ -158,12 +169,12 @@ def default_dtype(config: ModelConfig, weights: dict[str, mx.array]) -> mx.Dtype
     """
     if mx.default_device() == mx.cpu:
         return mx.float32
-    if config.torch_dtype in DTYPES:
-        return DTYPES[config.torch_dtype]
-    for name, w in weights.items():
-        if mx.issubdtype(w.dtype, mx.floating):
-            return w.dtype
-    return mx.float32
+    # The stored tensors, not the config: converters (mlx-lm's among them) leave
+    # torch_dtype stale when they cast.
+    floats = [w for w in weights.values() if mx.issubdtype(w.dtype, mx.floating)]
+    if floats:
+        return max(floats, key=lambda w: w.size).dtype
+    return DTYPES.get(config.torch_dtype, mx.float32)
 
 
 def resolve_dtype(dtype: str | mx.Dtype | None, config: ModelConfig, weights: dict) -> mx.Dtype:

@@ -188,3 +188,12 @@ def test_cli_info_and_user_errors(tmp_path, qwen2):
     r = run_cli("info", str(tmp_path / "missing"))
     assert r.returncode == 2
     assert "error:" in r.stderr and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bfloat16_moe_on_cpu_runs(tmp_path):
+    """MLX's CPU gather_mm is float32-only: unquantized experts must still run in bf16 mode."""
+    hf, folder = build_checkpoint(tmp_path / "moe", "qwen3_moe", num_hidden_layers=2)
+    model, _ = qwen_mlx.load(folder, dtype="bfloat16")
+    out = model(mx.array(IDS))
+    assert out.dtype == mx.bfloat16
+    assert np.abs(np.array(out.astype(mx.float32)) - hf_logits(hf, IDS)).max() < 0.1
