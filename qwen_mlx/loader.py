@@ -68,13 +68,26 @@ def build_model(config: ModelConfig, weights: dict[str, mx.array],
 
 def read_safetensors(folder: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     """Every tensor in the folder's safetensors shards, and the file each came from."""
+    weights: dict[str, mx.array] = {}
+    origin: dict[str, str] = {}
+    for f in list_shards(folder):
+        for name, w in read_shard(f).items():
+            if name in weights:
+                raise WeightsError(f"tensor '{name}' appears in both {origin[name]} and {f.name}")
+            weights[name], origin[name] = w, f.name
+    return weights, origin
+
+
+def list_shards(folder: Path) -> list[Path]:
+    """The folder's safetensors files, through model.safetensors.index.json when present."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = [folder / name for name in names]
         for f in files:
             if not f.exists():
                 raise WeightsError(f"{index} names {f.name}, which is missing from {folder}; "
@@ -89,19 +102,16 @@ def read_safetensors(folder: Path) -> tuple[dict[str, mx.array], dict[str, str]]
                 "qwen-mlx never unpickles checkpoints, since that can run code. Use the "
                 "safetensors release of this model, or convert it to safetensors first")
         raise WeightsError(f"{folder}: no *.safetensors weight files found")
-    weights: dict[str, mx.array] = {}
-    origin: dict[str, str] = {}
-    for f in files:
-        try:
-            shard = mx.load(str(f), format="safetensors")
-        except Exception as e:  # mlx raises RuntimeError/ValueError for bad files
-            raise WeightsError(f"{f}: cannot be read as safetensors ({e}); the file is "
-                               "truncated or corrupt: download or convert it again") from None
-        for name, w in shard.items():
-            if name in weights:
-                raise WeightsError(f"tensor '{name}' appears in both {origin[name]} and {f.name}")
-            weights[name], origin[name] = w, f.name
-    return weights, origin
+    return files
+
+
+def read_shard(path: Path) -> dict[str, mx.array]:
+    """One safetensors file's tensors, loaded lazily."""
+    try:
+        return mx.load(str(path), format="safetensors")
+    except Exception as e:  # mlx raises RuntimeError/ValueError for bad files
+        raise WeightsError(f"{path}: cannot be read as safetensors ({e}); the file is "
+                           "truncated or corrupt: download or convert it again") from None
 
 
 def _quantize_like_checkpoint(model: Model, config: ModelConfig, weights: dict) -> None:

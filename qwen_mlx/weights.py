@@ -63,74 +63,106 @@ def module_paths(path: str, config: ModelConfig) -> list[str]:
     return [qwen1_name(path + ".")[:-1]]
 
 
-def sanitize(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
-    """Map a checkpoint's tensors onto the model's parameter names."""
-    out: dict[str, mx.array] = {}
-    experts: dict[tuple, dict[int, mx.array]] = defaultdict(dict)
-    skipped_vision = 0
-    for name, w in weights.items():
+class WeightMapper:
+    """Maps checkpoint tensors onto model names as they stream in, shard by shard.
+
+    Experts are stacked as soon as a layer's last expert arrives, so a
+    converter holds at most one layer's experts beyond the shard in hand.
+    `keep_qwen1_names` leaves Qwen1's own names (and fused c_attn) alone: the
+    layout mlx-lm writes and reads for model_type "qwen".
+    """
+
+    def __init__(self, config: ModelConfig, *, keep_qwen1_names: bool = False):
+        self.config = config
+        self.rename_qwen1 = config.family == "qwen" and not keep_qwen1_names
+        self.is_vl = config.model_type in ("qwen2_vl", "qwen2_5_vl")
+        self.skipped_vision = 0
+        self._experts: dict[tuple, dict[int, mx.array]] = defaultdict(dict)
+
+    def add(self, name: str, w: mx.array) -> list[tuple[str, mx.array]]:
+        """The output tensors that `name` completes (often just itself renamed)."""
+        config = self.config
         if _is_buffer(name):
-            continue
-        if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+            return []
+        if self.is_vl:
             if name.startswith(("visual.", "model.visual.", "vision_tower.")):
-                skipped_vision += 1
-                continue
+                self.skipped_vision += 1
+                return []
             for old, new in _VL_PREFIXES:
                 if name.startswith(old):
                     name = new + name[len(old):]
                     break
-        if config.family == "qwen":
+        if config.tie_word_embeddings and name.startswith("lm_head."):
+            return []  # tied: the embedding is the head
+        if self.rename_qwen1:
             m = _C_ATTN.match(name)
             if m:
-                _split_c_attn(out, m.group(1), m.group(2), w, config)
-                continue
+                return _split_c_attn(m.group(1), m.group(2), w, config)
             name = qwen1_name(name)
         m = _EXPERT.match(name)
         if m:
             prefix, e, proj, suffix = m.groups()
-            experts[(prefix, proj, suffix)][int(e)] = w
-            continue
+            if config.moe and int(e) >= config.moe.num_experts:
+                raise WeightsError(f"{name}: expert {e} is out of range for num_experts "
+                                   f"{config.moe.num_experts} in {config.source}")
+            group = self._experts[(prefix, proj, suffix)]
+            group[int(e)] = w
+            if config.moe and len(group) == config.moe.num_experts:
+                del self._experts[(prefix, proj, suffix)]
+                return [(f"{prefix}.switch_mlp.{proj}.{suffix}", _stack(group))]
+            return []
         m = _FUSED_EXPERTS.match(name)
         if m:
-            _unfuse_experts(out, m.group(1), m.group(2), w, config)
-            continue
-        out[name] = w
-    for (prefix, proj, suffix), by_index in experts.items():
-        count = config.moe.num_experts if config.moe else len(by_index)
-        missing = [e for e in range(count) if e not in by_index]
-        if missing:
-            raise WeightsError(f"{prefix}.experts.{missing[0]}.{proj}.{suffix} is missing from the "
-                               f"checkpoint ({len(missing)} of {count} experts lack it)")
-        out[f"{prefix}.switch_mlp.{proj}.{suffix}"] = mx.stack([by_index[e] for e in range(count)])
-    if config.tie_word_embeddings:
-        out = {k: v for k, v in out.items() if not k.startswith("lm_head.")}
-    if skipped_vision:
-        print(f"qwen-mlx: skipping the vision tower ({skipped_vision} tensors); "
-              "only the language model is loaded", file=sys.stderr)
+            return _unfuse_experts(m.group(1), m.group(2), w, config)
+        return [(name, w)]
+
+    def finish(self) -> None:
+        """Fail on experts that never completed; report the skipped vision tower."""
+        for (prefix, proj, suffix), group in self._experts.items():
+            count = self.config.moe.num_experts if self.config.moe else 0
+            missing = [e for e in range(max(count, max(group) + 1)) if e not in group]
+            raise WeightsError(
+                f"{prefix}.experts.{missing[0] if missing else 0}.{proj}.{suffix} is missing from "
+                f"the checkpoint ({len(missing)} of {count} experts lack it)")
+        if self.skipped_vision:
+            print(f"qwen-mlx: skipping the vision tower ({self.skipped_vision} tensors); "
+                  "only the language model is loaded", file=sys.stderr)
+
+
+def sanitize(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    """Map a whole checkpoint's tensors onto the model's parameter names."""
+    mapper = WeightMapper(config)
+    out: dict[str, mx.array] = {}
+    for name, w in weights.items():
+        out.update(mapper.add(name, w))
+    mapper.finish()
     return out
 
 
-def _split_c_attn(out: dict, layer: str, suffix: str, w: mx.array, config: ModelConfig) -> None:
+def _stack(group: dict[int, mx.array]) -> mx.array:
+    return mx.stack([group[e] for e in range(len(group))])
+
+
+def _split_c_attn(layer: str, suffix: str, w: mx.array, config: ModelConfig) -> list:
     # Rows [0,H) are q, [H,2H) k, [2H,3H) v; for a quantized c_attn the packed
     # weight, scales and biases split along the same rows.
     h = config.hidden_size
     if w.shape[0] != 3 * h:
         raise WeightsError(f"transformer.h.{layer}.attn.c_attn.{suffix} has {w.shape[0]} rows; "
                            f"hidden_size {h} in {config.source} implies {3 * h}")
-    for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-        out[f"model.layers.{layer}.self_attn.{proj}.{suffix}"] = w[i * h:(i + 1) * h]
+    return [(f"model.layers.{layer}.self_attn.{proj}.{suffix}", w[i * h:(i + 1) * h])
+            for i, proj in enumerate(("q_proj", "k_proj", "v_proj"))]
 
 
-def _unfuse_experts(out: dict, prefix: str, kind: str, w: mx.array, config: ModelConfig) -> None:
+def _unfuse_experts(prefix: str, kind: str, w: mx.array, config: ModelConfig) -> list:
     # transformers 5's in-memory layout: gate_up_proj [E, 2I, H] (gate rows
     # first) and down_proj [E, H, I].
     inter = config.moe.intermediate_size if config.moe else w.shape[1] // 2
     if kind == "gate_up_proj":
         if w.shape[-1] == 2 * inter and w.shape[1] != 2 * inter:
             w = w.swapaxes(1, 2)
-        out[f"{prefix}.switch_mlp.gate_proj.weight"] = w[:, :inter]
-        out[f"{prefix}.switch_mlp.up_proj.weight"] = w[:, inter:]
-    else:
-        if w.shape[1] == inter and w.shape[2] != inter:
-            w = w.swapaxes(1, 2)
-        out[f"{prefix}.switch_mlp.down_proj.weight"] = w
+        return [(f"{prefix}.switch_mlp.gate_proj.weight", w[:, :inter]),
+                (f"{prefix}.switch_mlp.up_proj.weight", w[:, inter:])]
+    if w.shape[1] == inter and w.shape[2] != inter:
+        w = w.swapaxes(1, 2)
+    return [(f"{prefix}.switch_mlp.down_proj.weight", w)]

@@ -1,0 +1,445 @@
+"""`convert()`: a Hugging Face checkpoint (hub or local) -> an MLX folder.
+
+The output is what mlx-lm writes (its tensor names, `quantization` block and
+shard index), so `qwen_mlx.load` and mlx-lm both load it as it is.
+
+The work streams: shards are opened lazily and each tensor is read, mapped,
+quantized and buffered on its own, so resident memory stays near one output
+shard, not the model's size. Everything is written into a temporary folder
+beside the target and renamed into place only once the result has loaded
+and run a forward pass; on any failure no partial folder is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from .config import ModelConfig
+from .errors import QwenMLXError, WeightsError
+from .hub import resolve_model_path
+from .loader import DTYPES, list_shards, load, load_tokenizer, read_shard
+from .quantize import BITS, GROUP_SIZES, RECIPES, plan, recipe_bits
+from .weights import WeightMapper
+
+MAX_SHARD_BYTES = 5 * 2**30
+# Tokenizer, generation and chat-template files travel with the weights.
+SIDE_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "added_tokens.json", "generation_config.json",
+              "chat_template.jinja", "chat_template.json", "qwen.tiktoken"]
+CHECK_PROMPTS = [
+    "The capital of France is Paris. The capital of Japan is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "量子计算机利用量子力学的原理来处理信息，",
+    "Once upon a time, in a small village by the sea, there lived",
+]
+
+
+@dataclass
+class QuantCheck:
+    """How far the converted model's next-token distributions are from the source's."""
+
+    kl_divergence: float  # mean KL(source || converted) in nats per token
+    top1_agreement: float  # share of positions whose argmax agrees
+    positions: int
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    parameters: int
+    bits_per_weight: float
+    size_bytes: int
+    seconds: float
+    shards: int
+    kept_float: list[str] = field(default_factory=list)
+    check: QuantCheck | None = None
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.path}",
+                 f"  parameters      {self.parameters / 1e6:,.1f} M",
+                 f"  bits per weight {self.bits_per_weight:.2f}",
+                 f"  size on disk    {_human(self.size_bytes)} in {self.shards} shard(s)",
+                 f"  time            {self.seconds:.1f} s"]
+        if self.check:
+            lines.append(f"  check           KL {self.check.kl_divergence:.5f} nats/token, "
+                         f"top-1 agreement {self.check.top1_agreement:.1%} "
+                         f"over {self.check.positions} positions")
+        return "\n".join(lines)
+
+
+def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize: bool = False,
+            bits: int = 4, group_size: int = 64, dtype: str | None = None,
+            recipe: str | None = None, revision: str | None = None, force: bool = False,
+            dequantize: bool = False, check: bool = False,
+            max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
+            log: Callable[[str], None] = print) -> ConvertResult:
+    """Convert a Qwen checkpoint into an MLX folder, optionally quantized.
+
+    Args:
+        hf_path: a hub repo id ("Qwen/Qwen3-0.6B") or a local folder.
+        mlx_path: the output folder; default `./<name>-<4bit|mixed_4_6|bf16|...>`.
+        quantize: quantize linear and embedding weights (affine, mlx-lm's format).
+        bits, group_size: for `quantize` with the uniform recipe.
+        dtype: "float32", "bfloat16" or "float16" for the unquantized tensors;
+            default: each tensor keeps its stored dtype.
+        recipe: a name from `quantize.RECIPES`; implies `quantize`.
+        revision: a hub branch, tag or commit.
+        force: replace an existing output folder.
+        dequantize: turn a quantized MLX folder back into floats.
+        check: report KL divergence and top-1 agreement against the source.
+    """
+    started = time.perf_counter()
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise QwenMLXError(f"unknown recipe '{recipe}'; choose one of: {', '.join(RECIPES)}")
+        quantize = True
+    rec = RECIPES[recipe or "uniform"]
+    if quantize and dequantize:
+        raise QwenMLXError("--quantize and --dequantize exclude each other")
+    if bits not in BITS:
+        raise QwenMLXError(f"--bits {bits} is not supported; choose one of {BITS}")
+    if group_size not in GROUP_SIZES:
+        raise QwenMLXError(f"--group-size {group_size} is not supported; choose one of {GROUP_SIZES}")
+    if dtype is not None and dtype not in DTYPES:
+        raise QwenMLXError(f"--dtype {dtype} is not supported; choose one of: {', '.join(DTYPES)}")
+
+    source = resolve_model_path(hf_path, revision=revision)
+    config = ModelConfig.from_file(source / "config.json")
+    if dequantize and not config.quantization:
+        raise QwenMLXError(f"{source} is not quantized: there is nothing to dequantize")
+    if config.quantization and not dequantize:
+        raise QwenMLXError(f"{source} is already quantized; pass --dequantize to turn it back "
+                           "into floats")
+
+    suffix = (rec.name if rec.high_bits else f"{rec.low_bits or bits}bit") if quantize else (
+        dtype or "mlx")
+    target = Path(mlx_path).expanduser() if mlx_path else Path(f"{_model_name(hf_path)}-{suffix}")
+    _check_target(target, source, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        writer = _ShardWriter(tmp, max_shard_bytes)
+        stats = _convert_weights(source, config, writer, quantize=quantize, rec=rec, bits=bits,
+                                 group_size=group_size, dtype=dtype, dequantize=dequantize,
+                                 progress=progress, log=log)
+        shards = writer.finish()
+        out_config = output_config(config, quantization=stats.quantization if quantize else None,
+                                   dtype=dtype)
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+        _copy_side_files(source, tmp, config)
+        _validate(tmp)
+        result_check = _check(source, tmp) if check else None
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    return ConvertResult(
+        path=target, parameters=stats.parameters,
+        bits_per_weight=8 * size / max(stats.parameters, 1), size_bytes=size,
+        seconds=time.perf_counter() - started, shards=shards,
+        kept_float=stats.kept_float, check=result_check)
+
+
+@dataclass
+class _Stats:
+    parameters: int = 0
+    quantization: dict = field(default_factory=dict)
+    kept_float: list[str] = field(default_factory=list)
+
+
+def _convert_weights(source: Path, config: ModelConfig, writer: "_ShardWriter", *, quantize: bool,
+                     rec, bits: int, group_size: int, dtype: str | None, dequantize: bool,
+                     progress: bool, log) -> _Stats:
+    from huggingface_hub.utils import tqdm
+
+    stats = _Stats()
+    default_bits = recipe_bits(rec, bits)
+    stats.quantization = {"group_size": group_size, "bits": default_bits, "mode": "affine"}
+    cast = DTYPES[dtype] if dtype else None
+    mapper = WeightMapper(config, keep_qwen1_names=True)
+    dequantizer = _Dequantizer(config) if dequantize else None
+    shards = [(f, read_shard(f)) for f in list_shards(source)]
+    total = sum(len(tensors) for _, tensors in shards)
+    with tqdm(total=total, unit="tensor", desc="converting", disable=not progress) as bar:
+        for file, tensors in shards:
+            bar.set_postfix_str(file.name, refresh=False)
+            for name in list(tensors):
+                w = tensors.pop(name)  # drop our reference once it is consumed
+                for out_name, t in mapper.add(name, w):
+                    if dequantizer is not None:
+                        for n, d in dequantizer.add(out_name, t):
+                            _emit_float(writer, stats, n, d, cast)
+                    elif quantize and _is_matrix(out_name, t):
+                        path = out_name[: -len(".weight")]
+                        spec = plan(path, t.shape[-1], config, rec, bits, group_size)
+                        if spec is None:
+                            if not path.endswith((".mlp.gate", ".shared_expert_gate")):
+                                stats.kept_float.append(path)
+                            _emit_float(writer, stats, out_name, t, cast)
+                            continue
+                        _emit_quantized(writer, stats, path, t, spec, cast)
+                        if spec[0] != default_bits:
+                            stats.quantization[path] = {"group_size": spec[1], "bits": spec[0]}
+                    else:
+                        _emit_float(writer, stats, out_name, t, cast)
+                bar.update(1)
+    mapper.finish()
+    if dequantizer is not None:
+        dequantizer.finish()
+    if stats.kept_float:
+        log(f"note: {len(stats.kept_float)} weight(s) kept in floats because group size "
+            f"{group_size} does not divide their input width, e.g. {stats.kept_float[0]}")
+    return stats
+
+
+def _is_matrix(name: str, t: mx.array) -> bool:
+    return name.endswith(".weight") and t.ndim >= 2 and mx.issubdtype(t.dtype, mx.floating)
+
+
+def _emit_float(writer, stats: _Stats, name: str, t: mx.array, cast) -> None:
+    if cast is not None and mx.issubdtype(t.dtype, mx.floating):
+        t = t.astype(cast)
+    if not name.endswith(("scales", "biases")):
+        stats.parameters += t.size
+    writer.add(name, t)
+
+
+def _emit_quantized(writer, stats: _Stats, path: str, t: mx.array, spec, cast) -> None:
+    if cast is not None:
+        t = t.astype(cast)
+    stats.parameters += t.size
+    w, scales, biases = mx.quantize(t, group_size=spec[1], bits=spec[0])
+    writer.add(f"{path}.weight", w)
+    writer.add(f"{path}.scales", scales)
+    writer.add(f"{path}.biases", biases)
+
+
+class _Dequantizer:
+    """Collects each quantized module's weight/scales/biases, then emits floats."""
+
+    def __init__(self, config: ModelConfig):
+        self.q = config.quantization
+        self.pending: dict[str, dict[str, mx.array]] = {}
+
+    def add(self, name: str, t: mx.array) -> list[tuple[str, mx.array]]:
+        path, _, kind = name.rpartition(".")
+        if kind not in ("weight", "scales", "biases") or (
+                kind == "weight" and t.dtype != mx.uint32 and path not in self.pending):
+            return [(name, t)]
+        parts = self.pending.setdefault(path, {})
+        parts[kind] = t
+        if not {"weight", "scales", "biases"} <= parts.keys():
+            return []
+        del self.pending[path]
+        override = self.q.get(path)
+        bits = override["bits"] if isinstance(override, dict) else self.q["bits"]
+        in_dims = parts["weight"].shape[-1] * 32 // bits
+        group = in_dims // parts["scales"].shape[-1]
+        return [(f"{path}.weight", mx.dequantize(parts["weight"], parts["scales"],
+                                                 parts["biases"], group_size=group, bits=bits))]
+
+    def finish(self) -> None:
+        if self.pending:
+            path, parts = next(iter(self.pending.items()))
+            missing = {"weight", "scales", "biases"} - parts.keys()
+            raise WeightsError(f"quantized '{path}' lacks its {', '.join(sorted(missing))}")
+
+
+class _ShardWriter:
+    """Buffers evaluated tensors and writes safetensors shards of at most `max_bytes`."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer: dict[str, mx.array] = {}
+        self.buffered = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, t: mx.array) -> None:
+        mx.eval(t)  # materialize now, so the source tensor can be freed
+        if self.buffer and self.buffered + t.nbytes > self.max_bytes:
+            self._flush()
+        self.buffer[name] = t
+        self.buffered += t.nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f"part-{len(self.files):05d}.safetensors"
+        try:
+            mx.save_safetensors(str(path), self.buffer, metadata={"format": "mlx"})
+        except RuntimeError as e:
+            free = shutil.disk_usage(self.folder).free
+            if free < self.buffered:
+                raise QwenMLXError(
+                    f"no space left on the device holding {self.folder.parent}: writing a "
+                    f"{_human(self.buffered)} shard failed with {_human(free)} free; free some "
+                    "space or choose another output folder") from None
+            raise QwenMLXError(f"writing {path} failed: {e}") from None
+        self.files.append((path, list(self.buffer)))
+        self.total += self.buffered
+        self.buffer, self.buffered = {}, 0
+
+    def finish(self) -> int:
+        """Flush, give the shards mlx-lm's names and write the index; returns the shard count."""
+        if self.buffer:
+            self._flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (path, names) in enumerate(self.files, 1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return n
+
+
+def output_config(config: ModelConfig, *, quantization: dict | None, dtype: str | None) -> dict:
+    """The source config in the published schema, explicit where mlx-lm's defaults differ."""
+    out = dict(config.raw)
+    out.pop("auto_map", None)  # remote code: never needed, never run
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        # Only the language model was converted: it is a plain Qwen2 model.
+        text = out.pop("text_config", None) or {}
+        out = {k: v for k, v in {**out, **text}.items()
+               if not k.startswith(("vision", "image", "video")) and k != "rope_scaling"}
+        out.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+    if config.family != "qwen":
+        out.pop("rope_parameters", None)
+        out.pop("num_local_experts", None)
+        rope = config.rope
+        out["rope_theta"] = rope.theta
+        out["rope_scaling"] = None
+        if rope.rope_type != "default":
+            scaling: dict[str, Any] = {"rope_type": rope.rope_type, "type": rope.rope_type,
+                                       "factor": rope.factor}
+            if rope.rope_type == "yarn":
+                scaling.update(original_max_position_embeddings=rope.original_max_position_embeddings,
+                               beta_fast=rope.beta_fast, beta_slow=rope.beta_slow)
+                for key in ("attention_factor", "mscale", "mscale_all_dim"):
+                    if getattr(rope, key) is not None:
+                        scaling[key] = getattr(rope, key)
+                if not rope.truncate:
+                    scaling["truncate"] = False
+            out["rope_scaling"] = scaling
+        out.update(tie_word_embeddings=config.tie_word_embeddings,
+                   num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+                   rms_norm_eps=config.rms_norm_eps,
+                   max_position_embeddings=config.max_position_embeddings)
+        if config.family.endswith("moe"):
+            m = config.raw
+            out["num_experts"] = config.moe.num_experts if config.moe else (
+                m.get("num_experts") or m.get("num_local_experts") or 0)
+            if config.moe:
+                out.update(num_experts_per_tok=config.moe.top_k,
+                           moe_intermediate_size=config.moe.intermediate_size,
+                           norm_topk_prob=config.moe.norm_topk_prob)
+    for key in ("quantization", "quantization_config"):
+        out.pop(key, None)
+    if quantization is not None:
+        out["quantization"] = dict(quantization)
+        out["quantization_config"] = dict(quantization)  # mlx-lm writes both
+    if dtype is not None:
+        out["torch_dtype"] = dtype
+        out.pop("dtype", None)
+    return out
+
+
+def _copy_side_files(source: Path, dst: Path, config: ModelConfig) -> None:
+    qwen1_tiktoken = source / "qwen.tiktoken"
+    for name in SIDE_FILES:
+        if (source / name).exists():
+            if config.family == "qwen" and name == "tokenizer_config.json" and (
+                    not (source / "tokenizer.json").exists()):
+                continue  # Qwen1's points at remote code; we write our own below
+            shutil.copy2(source / name, dst / name)
+    if not (source / "tokenizer.json").exists() and qwen1_tiktoken.exists():
+        from .tiktoken_bpe import write_qwen1_tokenizer
+
+        write_qwen1_tokenizer(qwen1_tiktoken, dst,
+                              model_max_length=config.raw.get("seq_length"))
+
+
+def _validate(folder: Path) -> None:
+    """Load the result and run one forward pass before it replaces anything."""
+    model, _ = load(folder)
+    logits = model(mx.array([[0, 1, 2]]))
+    mx.eval(logits)
+    if not bool(mx.all(mx.isfinite(logits)).item()):
+        raise QwenMLXError("the converted model gives non-finite logits; the source weights "
+                           "may be corrupt, or the dtype too narrow (try --dtype float32)")
+
+
+def _check(source: Path, converted: Path) -> QuantCheck:
+    """KL divergence and top-1 agreement of next-token distributions on a few prompts."""
+    prompts = _check_prompts(source)
+    ref_model, _ = load(source, dtype="float32")
+    reference = [_log_softmax(ref_model(mx.array([p]))) for p in prompts]
+    del ref_model
+    model, _ = load(converted, dtype="float32")
+    kl_sum, agree, count = 0.0, 0, 0
+    for p, ref in zip(prompts, reference):
+        got = _log_softmax(model(mx.array([p])))
+        kl = (np.exp(ref) * (ref - got)).sum(axis=-1)
+        kl_sum += float(kl.sum())
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        count += ref.shape[0]
+    return QuantCheck(kl_divergence=kl_sum / count, top1_agreement=agree / count, positions=count)
+
+
+def _check_prompts(source: Path) -> list[list[int]]:
+    tokenizer = load_tokenizer(source)
+    config = ModelConfig.from_file(source / "config.json")
+    if tokenizer is not None:
+        prompts = [tokenizer.encode(text).ids for text in CHECK_PROMPTS]
+        if all(prompts) and max(max(p) for p in prompts) < config.vocab_size:
+            return prompts
+    rng = np.random.default_rng(0)  # no usable tokenizer: random token ids
+    return [rng.integers(0, config.vocab_size, 24).tolist() for _ in CHECK_PROMPTS]
+
+
+def _log_softmax(logits: mx.array) -> np.ndarray:
+    x = np.array(logits[0].astype(mx.float32), dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _check_target(target: Path, source: Path, force: bool) -> None:
+    if target.resolve() == source.resolve():
+        raise QwenMLXError(f"{target} is the source folder; choose another output folder")
+    if target.exists():
+        if not target.is_dir():
+            raise QwenMLXError(f"{target} exists and is not a folder")
+        if not force:
+            raise QwenMLXError(f"{target} already exists; pass --force to replace it")
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{int(time.time())}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def _model_name(source: str | Path) -> str:
+    return Path(str(source).rstrip("/")).name or "model"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
