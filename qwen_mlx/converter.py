@@ -127,7 +127,10 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
+        # Write at least once per input shard's worth of output, so resident
+        # memory stays near one input shard plus its output, whatever the model's size.
+        largest = max(f.stat().st_size for f in list_shards(source))
+        writer = _ShardWriter(tmp, min(max_shard_bytes, max(largest, 64 * 2**20)))
         stats = _convert_weights(source, config, writer, quantize=quantize, rec=rec, bits=bits,
                                  group_size=group_size, dtype=dtype, dequantize=dequantize,
                                  progress=progress, log=log)
@@ -136,7 +139,10 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
                                    dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         _copy_side_files(source, tmp, config)
-        _validate(tmp)
+        # Float folders validate in their stored dtype (casting a half-precision
+        # model to float32 doubles its memory); quantized ones in load's default,
+        # since MLX's CPU quantized matmul is many times slower in half precision.
+        _validate(tmp, None if quantize else (DTYPES[dtype] if dtype else stats.float_dtype))
         result_check = _check(source, tmp) if check else None
         _move_into_place(tmp, target)
     except BaseException:
@@ -155,6 +161,12 @@ class _Stats:
     parameters: int = 0
     quantization: dict = field(default_factory=dict)
     kept_float: list[str] = field(default_factory=list)
+    float_dtype: mx.Dtype | None = None  # of the largest float tensor written
+    _largest: int = 0
+
+    def saw_float(self, t: mx.array) -> None:
+        if t.size > self._largest:
+            self.float_dtype, self._largest = t.dtype, t.size
 
 
 def _convert_weights(source: Path, config: ModelConfig, writer: "_ShardWriter", *, quantize: bool,
@@ -207,8 +219,9 @@ def _is_matrix(name: str, t: mx.array) -> bool:
 
 
 def _emit_float(writer, stats: _Stats, name: str, t: mx.array, cast) -> None:
-    if cast is not None and mx.issubdtype(t.dtype, mx.floating):
-        t = t.astype(cast)
+    if mx.issubdtype(t.dtype, mx.floating):
+        t = t.astype(cast) if cast is not None else t
+        stats.saw_float(t)
     if not name.endswith(("scales", "biases")):
         stats.parameters += t.size
     writer.add(name, t)
@@ -219,6 +232,7 @@ def _emit_quantized(writer, stats: _Stats, path: str, t: mx.array, spec, cast) -
         t = t.astype(cast)
     stats.parameters += t.size
     w, scales, biases = mx.quantize(t, group_size=spec[1], bits=spec[0])
+    stats.saw_float(scales)
     writer.add(f"{path}.weight", w)
     writer.add(f"{path}.scales", scales)
     writer.add(f"{path}.biases", biases)
@@ -369,9 +383,9 @@ def _copy_side_files(source: Path, dst: Path, config: ModelConfig) -> None:
                               model_max_length=config.raw.get("seq_length"))
 
 
-def _validate(folder: Path) -> None:
+def _validate(folder: Path, dtype: mx.Dtype | None) -> None:
     """Load the result and run one forward pass before it replaces anything."""
-    model, _ = load(folder)
+    model, _ = load(folder, dtype=dtype)
     logits = model(mx.array([[0, 1, 2]]))
     mx.eval(logits)
     if not bool(mx.all(mx.isfinite(logits)).item()):
