@@ -50,8 +50,11 @@ def download(repo_id: str, *, revision: str | None = None) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES,
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES,
                                  ignore_patterns=["*/*"])
+        if not offline and not any(Path(path).glob("*.safetensors")):
+            _refuse_pickle_only(repo_id, revision)
+        return path
     except hf_errors.RevisionNotFoundError:
         raise QwenMLXError(f"{repo_id} has no revision '{revision}' on the hub") from None
     except hf_errors.GatedRepoError:
@@ -69,6 +72,17 @@ def download(repo_id: str, *, revision: str | None = None) -> str:
                            f"in the cache ({_cache_dir()}); check the network") from None
     except hf_errors.HfHubHTTPError as e:
         raise QwenMLXError(f"the hub refused {where}: {e}") from None
+
+
+def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
+    from huggingface_hub import list_repo_files
+
+    pickles = [f for f in list_repo_files(repo_id, revision=revision)
+               if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    if pickles:
+        raise QwenMLXError(
+            f"{repo_id} on the hub has only PyTorch pickle weights ({pickles[0]}); qwen-mlx "
+            "never unpickles checkpoints, since that can run code: use a safetensors release")
 
 
 def _cache_dir() -> str:

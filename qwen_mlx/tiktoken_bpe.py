@@ -172,7 +172,7 @@ def tokenizer_from_tiktoken(
     """
     ranks = read_tiktoken(path)
     merges = recover_merges(ranks)
-    to_str = {b: ch for b, ch in _byte_to_unicode().items()}  # str.translate wants ordinals
+    to_str = _byte_to_unicode()  # keyed by byte value, as str.translate on latin-1 wants
 
     def s(token: bytes) -> str:
         return token.decode("latin-1").translate(to_str)
