@@ -129,9 +129,10 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
     try:
         # Write at least once per input shard's worth of output, so resident
         # memory stays near one input shard plus its output, whatever the model's size.
-        largest = max(f.stat().st_size for f in list_shards(source))
+        files = list_shards(source)
+        largest = max(f.stat().st_size for f in files)
         writer = _ShardWriter(tmp, min(max_shard_bytes, max(largest, 64 * 2**20)))
-        stats = _convert_weights(source, config, writer, quantize=quantize, rec=rec, bits=bits,
+        stats = _convert_weights(files, config, writer, quantize=quantize, rec=rec, bits=bits,
                                  group_size=group_size, dtype=dtype, dequantize=dequantize,
                                  progress=progress, log=log)
         shards = writer.finish()
@@ -169,7 +170,7 @@ class _Stats:
             self.float_dtype, self._largest = t.dtype, t.size
 
 
-def _convert_weights(source: Path, config: ModelConfig, writer: "_ShardWriter", *, quantize: bool,
+def _convert_weights(files: list[Path], config: ModelConfig, writer: "_ShardWriter", *, quantize: bool,
                      rec, bits: int, group_size: int, dtype: str | None, dequantize: bool,
                      progress: bool, log) -> _Stats:
     from huggingface_hub.utils import tqdm
@@ -180,7 +181,7 @@ def _convert_weights(source: Path, config: ModelConfig, writer: "_ShardWriter", 
     cast = DTYPES[dtype] if dtype else None
     mapper = WeightMapper(config, keep_qwen1_names=True)
     dequantizer = _Dequantizer(config) if dequantize else None
-    shards = [(f, read_shard(f)) for f in list_shards(source)]
+    shards = [(f, read_shard(f)) for f in files]  # lazy: headers only
     total = sum(len(tensors) for _, tensors in shards)
     with tqdm(total=total, unit="tensor", desc="converting", disable=not progress) as bar:
         for file, tensors in shards:
@@ -239,11 +240,19 @@ def _emit_quantized(writer, stats: _Stats, path: str, t: mx.array, spec, cast) -
 
 
 class _Dequantizer:
-    """Collects each quantized module's weight/scales/biases, then emits floats."""
+    """Collects each quantized module's weight, scales (and affine biases), then emits floats."""
 
     def __init__(self, config: ModelConfig):
         self.q = config.quantization
         self.pending: dict[str, dict[str, mx.array]] = {}
+        # Affine scales carry the model's dtype; other modes' scales are uint8, so
+        # their floats take the config's dtype.
+        self.dtype = DTYPES.get(config.torch_dtype or "", mx.bfloat16)
+
+    def _params(self, path: str) -> tuple[int, str]:
+        override = self.q.get(path)
+        params = override if isinstance(override, dict) else self.q
+        return params.get("bits", self.q["bits"]), params.get("mode", self.q.get("mode", "affine"))
 
     def add(self, name: str, t: mx.array) -> list[tuple[str, mx.array]]:
         path, _, kind = name.rpartition(".")
@@ -252,15 +261,17 @@ class _Dequantizer:
             return [(name, t)]
         parts = self.pending.setdefault(path, {})
         parts[kind] = t
-        if not {"weight", "scales", "biases"} <= parts.keys():
+        bits, mode = self._params(path)
+        needed = {"weight", "scales", "biases"} if mode == "affine" else {"weight", "scales"}
+        if not needed <= parts.keys():
             return []
         del self.pending[path]
-        override = self.q.get(path)
-        bits = override["bits"] if isinstance(override, dict) else self.q["bits"]
         in_dims = parts["weight"].shape[-1] * 32 // bits
         group = in_dims // parts["scales"].shape[-1]
-        return [(f"{path}.weight", mx.dequantize(parts["weight"], parts["scales"],
-                                                 parts["biases"], group_size=group, bits=bits))]
+        w = mx.dequantize(parts["weight"], parts["scales"], parts.get("biases"),
+                          group_size=group, bits=bits, mode=mode,
+                          dtype=None if mode == "affine" else self.dtype)
+        return [(f"{path}.weight", w)]
 
     def finish(self) -> None:
         if self.pending:
