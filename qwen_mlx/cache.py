@@ -2,8 +2,13 @@
 
 `KVCache` preallocates and grows in steps, so decoding writes in place
 instead of concatenating every token. `RotatingKVCache` serves
-sliding-window layers: it keeps only the last `window` positions, so its
-memory stays bounded by the window however long the conversation runs.
+sliding-window layers and `max_kv_size`: it keeps only the last `window`
+positions, so its memory stays bounded however long the conversation runs.
+
+Either can store keys and values quantized (`bits` 4 or 8): the buffers then
+hold mx.quantize's (packed, scales, biases) triples and are dequantized when
+attention reads them. Quantization is a storage detail here, which is why it
+combines with the rotating cache (mlx-lm's quantized cache cannot rotate).
 
 `update` stores the new keys and values and returns what attention needs:
 the keys and values to attend over and the mask for the new queries
@@ -12,7 +17,12 @@ the keys and values to attend over and the mask for the new queries
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
+
+KV_BITS = (4, 8)
+
 
 def window_mask(q_start: int, q_len: int, k_start: int, k_len: int, window: int) -> mx.array:
     """Query at position p sees key position j iff p - window < j <= p."""
@@ -30,47 +40,121 @@ def attention_mask(length: int, window: int | None = None) -> "str | mx.array | 
     return window_mask(0, length, 0, length, window)
 
 
+class _Storage:
+    """Float or quantized [B, H, N, D] buffers, sliced and joined along N."""
+
+    def __init__(self, bits: int | None = None):
+        self.bits = bits
+
+    def pack(self, x: mx.array) -> Any:
+        if self.bits is None:
+            return x
+        group = 64 if x.shape[-1] % 64 == 0 else 32
+        return tuple(mx.quantize(x, group_size=group, bits=self.bits))
+
+    def unpack(self, x: Any, dtype: mx.Dtype) -> mx.array:
+        if self.bits is None:
+            return x
+        w, scales, biases = x
+        group = w.shape[-1] * 32 // self.bits // scales.shape[-1]
+        return mx.dequantize(w, scales, biases, group_size=group, bits=self.bits).astype(dtype)
+
+    @staticmethod
+    def zeros_like(packed: Any, n: int) -> Any:
+        def one(a):
+            return mx.zeros((*a.shape[:2], n, a.shape[3]), a.dtype)
+        return tuple(one(a) for a in packed) if isinstance(packed, tuple) else one(packed)
+
+    @staticmethod
+    def slice(x: Any, start: int, stop: int) -> Any:
+        if isinstance(x, tuple):
+            return tuple(a[..., start:stop, :] for a in x)
+        return x[..., start:stop, :]
+
+    @staticmethod
+    def assign(x: Any, start: int, value: Any) -> None:
+        pairs = zip(x, value) if isinstance(x, tuple) else [(x, value)]
+        for dst, src in pairs:
+            dst[..., start:start + src.shape[2], :] = src
+
+    @staticmethod
+    def concat(a: Any, b: Any) -> Any:
+        if isinstance(a, tuple):
+            return tuple(mx.concatenate([x, y], axis=2) for x, y in zip(a, b))
+        return mx.concatenate([a, b], axis=2)
+
+    @staticmethod
+    def length(x: Any) -> int:
+        return (x[0] if isinstance(x, tuple) else x).shape[2]
+
+    @staticmethod
+    def nbytes(x: Any) -> int:
+        if x is None:
+            return 0
+        return sum(a.nbytes for a in x) if isinstance(x, tuple) else x.nbytes
+
+    @staticmethod
+    def arrays(x: Any) -> list[mx.array]:
+        return list(x) if isinstance(x, tuple) else [x]
+
+
 class KVCache:
     """A growing cache for full-attention layers."""
 
     step = 256
 
-    def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+    def __init__(self, bits: int | None = None) -> None:
+        self.storage = _Storage(bits)
+        self.keys: Any = None
+        self.values: Any = None
         self.offset = 0
+
+    @property
+    def bits(self) -> int | None:
+        return self.storage.bits
 
     def update(self, keys: mx.array, values: mx.array):
         """Append keys/values [B, H, L, D]; return all of them and the mask."""
-        start, length = self.offset, keys.shape[2]
-        if self.keys is None or start + length > self.keys.shape[2]:
-            self._grow(keys, values, start + length)
-        self.keys[..., start:start + length, :] = keys
-        self.values[..., start:start + length, :] = values
+        s, start, length = self.storage, self.offset, keys.shape[2]
+        k, v = s.pack(keys), s.pack(values)
+        if self.keys is None or start + length > s.length(self.keys):
+            capacity = -(-(start + length) // self.step) * self.step
+            grow_k, grow_v = s.zeros_like(k, capacity - start), s.zeros_like(v, capacity - start)
+            if self.keys is None:
+                self.keys, self.values = grow_k, grow_v
+            else:
+                self.keys = s.concat(s.slice(self.keys, 0, start), grow_k)
+                self.values = s.concat(s.slice(self.values, 0, start), grow_v)
+        s.assign(self.keys, start, k)
+        s.assign(self.values, start, v)
         self.offset += length
         mask = None if length == 1 else "causal"
-        return self.keys[..., :self.offset, :], self.values[..., :self.offset, :], mask
+        return (s.unpack(s.slice(self.keys, 0, self.offset), keys.dtype),
+                s.unpack(s.slice(self.values, 0, self.offset), values.dtype), mask)
 
-    def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
-        B, H, _, Dk = keys.shape
-        Dv = values.shape[3]
-        capacity = ((needed + self.step - 1) // self.step) * self.step
-        extra = capacity - (0 if self.keys is None else self.offset)
-        new_k = mx.zeros((B, H, extra, Dk), keys.dtype)
-        new_v = mx.zeros((B, H, extra, Dv), values.dtype)
+    def trim(self, n: int) -> bool:
+        """Forget the last `n` positions; always possible here."""
+        self.offset -= min(n, self.offset)
+        return True
+
+    def state(self) -> tuple[Any, Any]:
+        """Keys and values in position order, as stored (packed when quantized)."""
+        s = self.storage
         if self.keys is None:
-            self.keys, self.values = new_k, new_v
-        else:
-            self.keys = mx.concatenate([self.keys[..., :self.offset, :], new_k], axis=2)
-            self.values = mx.concatenate([self.values[..., :self.offset, :], new_v], axis=2)
+            return None, None
+        return s.slice(self.keys, 0, self.offset), s.slice(self.values, 0, self.offset)
+
+    def restore(self, keys: Any, values: Any, offset: int) -> None:
+        self.keys, self.values, self.offset = keys, values, offset
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        """Bytes held by the buffers (allocated, not only filled)."""
+        return self.storage.nbytes(self.keys) + self.storage.nbytes(self.values)
 
 
 class RotatingKVCache:
-    """A cache for sliding-window layers that holds at most `window` positions.
+    """A cache that holds at most `window` positions (sliding windows, max_kv_size).
 
     While fewer than `window` positions are held they sit in order at
     [0, filled); once full, the buffer is a ring and `_next` is the slot of
@@ -79,37 +163,45 @@ class RotatingKVCache:
 
     step = 256
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, bits: int | None = None) -> None:
         self.window = window
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.storage = _Storage(bits)
+        self.keys: Any = None
+        self.values: Any = None
         self.offset = 0
         self._filled = 0
         self._next = 0
 
-    def _in_order(self) -> tuple[mx.array | None, mx.array | None]:
+    @property
+    def bits(self) -> int | None:
+        return self.storage.bits
+
+    def _in_order(self) -> tuple[Any, Any]:
+        s = self.storage
         if self.keys is None:
             return None, None
-        k, v = self.keys[..., :self._filled, :], self.values[..., :self._filled, :]
+        k, v = s.slice(self.keys, 0, self._filled), s.slice(self.values, 0, self._filled)
         if self._filled == self.window and self._next:
-            k = mx.concatenate([k[..., self._next:, :], k[..., :self._next, :]], axis=2)
-            v = mx.concatenate([v[..., self._next:, :], v[..., :self._next, :]], axis=2)
+            n = self._next
+            k = s.concat(s.slice(k, n, self.window), s.slice(k, 0, n))
+            v = s.concat(s.slice(v, n, self.window), s.slice(v, 0, n))
         return k, v
 
     def update(self, keys: mx.array, values: mx.array):
         """Add keys/values [B, H, L, D]; return what the new queries attend over, and the mask."""
+        s = self.storage
         if keys.shape[2] == 1 and self.keys is not None:
             return self._update_one(keys, values)
         start, length = self.offset, keys.shape[2]
         old_k, old_v = self._in_order()
+        all_k, all_v = s.pack(keys), s.pack(values)
         if old_k is not None:
-            keys = mx.concatenate([old_k, keys], axis=2)
-            values = mx.concatenate([old_v, values], axis=2)
-        total = keys.shape[2]
+            all_k, all_v = s.concat(old_k, all_k), s.concat(old_v, all_v)
+        total = s.length(all_k)
         self.offset += length
         # Keep only the last `window` positions: the next query needs no more.
         keep = min(self.window, total)
-        self.keys, self.values = keys[..., total - keep:, :], values[..., total - keep:, :]
+        self.keys, self.values = s.slice(all_k, total - keep, total), s.slice(all_v, total - keep, total)
         self._filled, self._next = keep, 0
         if length == 1:
             mask = None
@@ -117,28 +209,93 @@ class RotatingKVCache:
             mask = "causal"
         else:
             mask = window_mask(start, length, start + length - total, total, self.window)
-        return keys, values, mask
+        return s.unpack(all_k, keys.dtype), s.unpack(all_v, values.dtype), mask
 
     def _update_one(self, keys: mx.array, values: mx.array):
+        s = self.storage
+        k, v = s.pack(keys), s.pack(values)
         if self._filled < self.window:
-            if self._filled == self.keys.shape[2]:
+            if self._filled == s.length(self.keys):
                 grow = min(self.step, self.window - self._filled)
-                B, H, _, Dk = keys.shape
-                self.keys = mx.concatenate(
-                    [self.keys, mx.zeros((B, H, grow, Dk), keys.dtype)], axis=2)
-                self.values = mx.concatenate(
-                    [self.values, mx.zeros((B, H, grow, values.shape[3]), values.dtype)], axis=2)
+                self.keys = s.concat(self.keys, s.zeros_like(k, grow))
+                self.values = s.concat(self.values, s.zeros_like(v, grow))
             slot = self._filled
             self._filled += 1
         else:
             slot = self._next
             self._next = (self._next + 1) % self.window
-        self.keys[..., slot:slot + 1, :] = keys
-        self.values[..., slot:slot + 1, :] = values
+        s.assign(self.keys, slot, k)
+        s.assign(self.values, slot, v)
         self.offset += 1
         # Everything held lies inside the new token's window, so order does not matter.
-        return self.keys[..., :self._filled, :], self.values[..., :self._filled, :], None
+        return (s.unpack(s.slice(self.keys, 0, self._filled), keys.dtype),
+                s.unpack(s.slice(self.values, 0, self._filled), values.dtype), None)
+
+    def trim(self, n: int) -> bool:
+        """Forget the last `n` positions, if no position before them was dropped yet."""
+        if self._filled != self.offset or n > self.offset:
+            return False  # the keys the earlier positions need are gone: re-prefill
+        self.offset -= n
+        self._filled -= n
+        return True
+
+    def state(self) -> tuple[Any, Any]:
+        return self._in_order()
+
+    def restore(self, keys: Any, values: Any, offset: int) -> None:
+        self.keys, self.values, self.offset = keys, values, offset
+        self._filled = 0 if keys is None else self.storage.length(keys)
+        self._next = 0
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return self.storage.nbytes(self.keys) + self.storage.nbytes(self.values)
+
+
+def make_cache(windows: "tuple[int | None, ...]", *, kv_bits: int | None = None,
+               max_kv_size: int | None = None) -> list:
+    """One cache per layer: rotating where a layer has a window or max_kv_size is set."""
+    caches = []
+    for w in windows:
+        limit = min(x for x in (w, max_kv_size) if x) if (w or max_kv_size) else None
+        caches.append(RotatingKVCache(limit, kv_bits) if limit else KVCache(kv_bits))
+    return caches
+
+
+def save_prompt_cache(path: str, cache: list, metadata: dict[str, str] | None = None) -> None:
+    """Write a cache (and string metadata, e.g. the cached token ids) to a safetensors file."""
+    import json
+
+    arrays: dict[str, mx.array] = {}
+    layers = []
+    for i, c in enumerate(cache):
+        keys, values = c.state()
+        layers.append({"type": type(c).__name__, "offset": c.offset, "bits": c.bits,
+                       "window": getattr(c, "window", None), "empty": keys is None})
+        if keys is not None:
+            for name, part in (("keys", keys), ("values", values)):
+                for j, a in enumerate(_Storage.arrays(part)):
+                    arrays[f"{i}.{name}.{j}"] = a
+    meta = {"qwen_mlx_cache": json.dumps(layers), **(metadata or {})}
+    mx.save_safetensors(path, arrays, metadata=meta)
+
+
+def load_prompt_cache(path: str) -> tuple[list, dict[str, str]]:
+    """Read a cache written by `save_prompt_cache`; returns (cache, metadata)."""
+    import json
+
+    arrays, meta = mx.load(path, return_metadata=True)
+    layers = json.loads(meta.pop("qwen_mlx_cache"))
+    cache = []
+    for i, info in enumerate(layers):
+        c = (RotatingKVCache(info["window"], info["bits"]) if info["type"] == "RotatingKVCache"
+             else KVCache(info["bits"]))
+        if not info["empty"]:
+            def part(name):
+                parts = [arrays[f"{i}.{name}.{j}"] for j in range(3 if info["bits"] else 1)]
+                return tuple(parts) if info["bits"] else parts[0]
+            c.restore(part("keys"), part("values"), info["offset"])
+        else:
+            c.offset = info["offset"]
+        cache.append(c)
+    return cache, meta

@@ -148,6 +148,15 @@ class ModelConfig:
         """Normalize a config.json dict; `rope_scaling`, if given, replaces the file's."""
         return _normalize(dict(data), source, rope_scaling)
 
+    @property
+    def native_context(self) -> int:
+        """Positions the model handles as configured: YaRN and linear scaling extend it."""
+        if self.rope.rope_type == "yarn":
+            return int(self.rope.factor * self.rope.original_max_position_embeddings)
+        if self.rope.rope_type in ("linear", "dynamic"):
+            return int(self.rope.factor * self.max_position_embeddings)
+        return self.max_position_embeddings
+
     def describe(self) -> str:
         """A one-line summary for logs and the CLI."""
         kind = f"{self.moe.num_experts} experts top-{self.moe.top_k}" if self.moe else "dense"

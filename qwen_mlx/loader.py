@@ -28,29 +28,54 @@ _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def load(path: str | Path, *, dtype: str | mx.Dtype | None = None,
-         rope_scaling: Mapping[str, Any] | None = None) -> tuple[Model, Any]:
+         rope_scaling: str | Mapping[str, Any] | None = None, rope_factor: float = 4.0,
+         max_context: int | None = None) -> tuple[Model, Any]:
     """Load a Qwen model folder (Hugging Face or mlx-lm layout).
 
     Args:
         path: a local folder with config.json and *.safetensors.
         dtype: compute dtype for the unquantized tensors ("float32",
             "bfloat16", "float16"); default: see `default_dtype`.
-        rope_scaling: replaces the config's rope scaling, e.g.
-            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}.
+        rope_scaling: "yarn" (or "linear", "dynamic") with `rope_factor`, the
+            original length taken from the config's max_position_embeddings; or
+            a dict that replaces the config's rope scaling, e.g. {"rope_type":
+            "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}.
+        max_context: the most positions a conversation may use; default: the
+            config's max_position_embeddings, times the factor under YaRN.
 
     Returns:
-        (model, tokenizer): the tokenizer is a `tokenizers.Tokenizer` from
-        tokenizer.json, or None when the folder has none.
+        (model, tokenizer): the tokenizer is a `QwenTokenizer`, or None when
+        the folder has no tokenizer.json.
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise QwenMLXError(f"{folder}: no such model folder")
-    config = ModelConfig.from_file(folder / "config.json", rope_scaling=rope_scaling)
+    config_path = folder / "config.json"
+    if isinstance(rope_scaling, str):
+        rope_scaling = _named_rope_scaling(rope_scaling, rope_factor)
+    config = ModelConfig.from_file(config_path, rope_scaling=rope_scaling)
     weights, origin = read_safetensors(folder)
     model = build_model(config, weights, origin)
     set_compute_dtype(model, resolve_dtype(dtype, config, weights))
     mx.eval(model.parameters())
+    if max_context is not None:
+        if max_context < 2:
+            raise QwenMLXError(f"--max-context {max_context} is too small")
+        model.max_context = max_context
     return model, load_tokenizer(folder)
+
+
+def _named_rope_scaling(kind: str, factor: float) -> dict:
+    """--rope-scaling NAME --rope-factor F; YaRN's original length defaults to the
+    config's max_position_embeddings during normalization."""
+    if kind not in ("yarn", "linear", "dynamic", "default"):
+        raise QwenMLXError(f"--rope-scaling {kind} is not supported; choose yarn, linear, "
+                           "dynamic or default")
+    if kind == "default":
+        return {"rope_type": "default"}
+    if factor <= 1:
+        raise QwenMLXError(f"--rope-factor {factor} must be above 1")
+    return {"rope_type": kind, "factor": float(factor)}
 
 
 def build_model(config: ModelConfig, weights: dict[str, mx.array],

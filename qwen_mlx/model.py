@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import KVCache, RotatingKVCache, attention_mask
+from .cache import attention_mask, make_cache
 from .config import ModelConfig
 from .experts import SwitchGLU
 from .rope import RotaryEmbedding
@@ -146,20 +146,29 @@ class Model(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+        self.max_context = config.native_context  # generation stops here
         # YaRN multiplies cos and sin by its attention factor f, which scales
         # q·k by f². Every Qwen config rotates the whole head, so folding f² into
         # the softmax scale is exact and costs nothing.
         self.softmax_scale = config.head_dim ** -0.5 * self.rotary.attention_factor ** 2
 
-    def make_cache(self) -> list:
-        """One cache per layer: rotating for sliding-window layers, growing otherwise."""
-        return [RotatingKVCache(w) if w else KVCache() for w in self.config.sliding_windows]
+    def make_cache(self, *, kv_bits: int | None = None, max_kv_size: int | None = None) -> list:
+        """One cache per layer: rotating for sliding-window layers (and all layers
+        when `max_kv_size` is set), growing otherwise; `kv_bits` 4 or 8 quantizes them."""
+        return make_cache(self.config.sliding_windows, kv_bits=kv_bits, max_kv_size=max_kv_size)
 
-    def __call__(self, inputs: mx.array, cache: list | None = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: list | None = None, *,
+                 prompt_length: int | None = None) -> mx.array:
+        """Logits [B, L, V] for tokens [B, L], continuing from `cache` when given.
+
+        `prompt_length`: the whole prompt's length when it is prefilled in
+        chunks, so Qwen1's NTK picks its α from the prompt, not the first chunk.
+        """
         length = inputs.shape[1]
         offset = cache[0].offset if cache else 0
-        positions = Positions(offset, self.rotary.freqs(offset, length),
-                              self.rotary.query_scale(offset, length), self.softmax_scale)
+        freqs = self.rotary.freqs(offset, max(length, prompt_length or 0) if offset == 0 else length)
+        positions = Positions(offset, freqs, self.rotary.query_scale(offset, length),
+                              self.softmax_scale)
         h = self.model.embed_tokens(inputs)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, positions, cache[i] if cache else None)
