@@ -425,7 +425,7 @@ def _check_prompts(source: Path) -> list[list[int]]:
     tokenizer = load_tokenizer(source)
     config = ModelConfig.from_file(source / "config.json")
     if tokenizer is not None:
-        prompts = [tokenizer.encode(text).ids for text in CHECK_PROMPTS]
+        prompts = [tokenizer.encode(text) for text in CHECK_PROMPTS]
         if all(prompts) and max(max(p) for p in prompts) < config.vocab_size:
             return prompts
     rng = np.random.default_rng(0)  # no usable tokenizer: random token ids

@@ -223,13 +223,9 @@ def resolve_dtype(dtype: str | mx.Dtype | None, config: ModelConfig, weights: di
 
 
 def load_tokenizer(folder: Path):
-    """A `tokenizers.Tokenizer` from tokenizer.json, or None when there is none."""
-    path = folder / "tokenizer.json"
-    if not path.exists():
+    """The folder's `QwenTokenizer`, or None when it has no tokenizer.json."""
+    if not (folder / "tokenizer.json").exists():
         return None
-    from tokenizers import Tokenizer
+    from .tokenizer import QwenTokenizer
 
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise QwenMLXError(f"{path}: cannot be read as a tokenizers JSON file ({e})") from None
+    return QwenTokenizer.from_folder(folder)

@@ -8,9 +8,7 @@ for thinking models (it loops); we follow the checkpoint instead.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
@@ -45,17 +43,8 @@ class SamplingParams:
         return self
 
 
-def generation_config_defaults(folder: str | Path | None) -> dict:
-    """Sampling fields from a checkpoint's generation_config.json (empty if none)."""
-    if folder is None:
-        return {}
-    path = Path(folder) / "generation_config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise QwenMLXError(f"{path}: cannot be read ({e})") from None
+def generation_config_defaults(cfg: dict) -> dict:
+    """Sampling fields from a checkpoint's generation_config.json contents."""
     out = {k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                                "presence_penalty", "frequency_penalty") if cfg.get(k) is not None}
     if cfg.get("do_sample") is False:
