@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
 from .errors import QwenMLXError
@@ -21,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Qwen checkpoint (a hub repo id or a local folder) into an MLX "
                     "folder that qwen-mlx and mlx-lm both load, optionally quantized on this "
                     "machine."))
+    add_generate_arguments(sub.add_parser(
+        "generate", help="generate a reply to one prompt, streamed, with speed stats",
+        description="Generate text from a prompt given as an argument, on stdin or in a file."))
     info = sub.add_parser("info", help="describe a model folder: family, shapes, RoPE, quantization")
     info.add_argument("model", help="a local model folder (Hugging Face or mlx-lm layout)")
     return parser
@@ -64,9 +68,130 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="the prompt; '-' or none reads stdin")
+    p.add_argument("-m", "--model", required=True, help="model folder or hub repo id")
+    p.add_argument("-f", "--file", help="read the prompt from this file")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=True,
+                      help="wrap the prompt in the chat template (default)")
+    mode.add_argument("--raw", dest="chat", action="store_false",
+                      help="feed the prompt to the model as it is")
+    p.add_argument("-s", "--system", help="system prompt (chat mode)")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="enable_thinking", action="store_true", default=None,
+                       help="thinking on (Qwen3; the default)")
+    think.add_argument("--no-think", dest="enable_thinking", action="store_false",
+                       help="thinking off")
+    p.add_argument("--hide-thinking", action="store_true", help="print only the answer")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, help="0 means greedy (default: the checkpoint's)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--presence-penalty", type=float)
+    p.add_argument("--frequency-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache")
+    p.add_argument("--max-kv-size", type=int, help="keep at most this many positions (rotating)")
+    p.add_argument("--prefill-step-size", type=int, default=512)
+    p.add_argument("--rope-scaling", choices=["yarn", "linear", "dynamic", "default"],
+                   help="extend the context (YaRN is what Qwen recommends)")
+    p.add_argument("--rope-factor", type=float, default=4.0)
+    p.add_argument("--max-context", type=int, help="context limit in tokens")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt-cache", help="a cache file: reused when it matches the prompt's "
+                                          "start, and saved after generating")
+    p.add_argument("--revision", help="hub branch, tag or commit")
 
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.file:
+        try:
+            return Path(args.file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise QwenMLXError(f"{args.file}: cannot read the prompt ({e.strerror})") from None
+    if args.prompt not in (None, "-"):
+        return args.prompt
+    if sys.stdin.isatty() and args.prompt is None:
+        raise QwenMLXError("no prompt: give one as an argument, with --file, or on stdin")
+    return sys.stdin.read()
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from .cache import load_prompt_cache, save_prompt_cache
+    from .generate import reuse_cache, stream_generate
+    from .hub import resolve_model_path
+    from .loader import load
+
+    text = _read_prompt(args)
+    for name in ("max_tokens", "prefill_step_size", "max_kv_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise QwenMLXError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    folder = resolve_model_path(args.model, revision=args.revision)
+    started = time.perf_counter()
+    model, tokenizer = load(folder, dtype=args.dtype, rope_scaling=args.rope_scaling,
+                            rope_factor=args.rope_factor, max_context=args.max_context)
+    if tokenizer is None:
+        raise QwenMLXError(f"{folder} has no tokenizer.json; convert it with `qwen-mlx convert`")
+    load_time = time.perf_counter() - started
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            enable_thinking=args.enable_thinking)
+    else:
+        ids = tokenizer.encode(text, special=True)
+    cache, cached = None, []
+    if args.prompt_cache and Path(args.prompt_cache).exists():
+        cache, meta = load_prompt_cache(args.prompt_cache)
+        cached = [int(t) for t in meta.get("tokens", "").split()]
+        if meta.get("model") != str(folder.resolve()) or len(cache) != model.config.num_layers:
+            cache, cached = None, []  # another model's cache: start fresh
+    if cache is None:
+        cache = model.make_cache(kv_bits=args.kv_bits, max_kv_size=args.max_kv_size)
+    cached, new = reuse_cache(cache, cached, ids)
+    color = sys.stdout.isatty()
+    phase, last, generated = None, None, []
+    for r in stream_generate(
+            model, tokenizer, new, prompt_cache=cache, max_tokens=args.max_tokens,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+            seed=args.seed, stop=args.stop, prefill_step_size=args.prefill_step_size,
+            enable_thinking=args.enable_thinking, tokens_out=generated):
+        if r.phase == "thinking" and args.hide_thinking:
+            last = r
+            continue
+        if r.phase != phase and r.text:
+            if phase is not None:
+                sys.stdout.write("\n\n")
+            phase = r.phase
+        if r.text:
+            dim = color and r.phase == "thinking"
+            sys.stdout.write(f"\x1b[2m{r.text}\x1b[0m" if dim else r.text)
+            sys.stdout.flush()
+        last = r
+    sys.stdout.write("\n")
+    if args.prompt_cache:
+        held = (cached + new + generated)[: cache[0].offset]
+        save_prompt_cache(args.prompt_cache, cache, {"tokens": " ".join(map(str, held)),
+                                                     "model": str(folder.resolve())})
+    if last is not None:
+        print(f"load {load_time:.1f} s | prompt {last.prompt_tokens} tokens"
+              f" ({last.cached_tokens} cached), TTFT {last.ttft:.2f} s, "
+              f"{last.prompt_tps:.1f} tok/s | generation {last.generation_tokens} tokens, "
+              f"{last.generation_tps:.1f} tok/s ({last.finish_reason}) | "
+              f"peak memory {last.peak_memory:.2f} GB", file=sys.stderr)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
     from .config import ModelConfig
 
     config = ModelConfig.from_file(Path(args.model).expanduser() / "config.json")
@@ -88,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"convert": run_convert, "info": _info}[args.command](args)
+        return {"convert": run_convert, "generate": run_generate,
+                "info": _info}[args.command](args)
     except QwenMLXError as e:
         print(f"qwen-mlx: error: {e}", file=sys.stderr)
         return 2

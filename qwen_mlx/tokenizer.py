@@ -27,6 +27,7 @@ from .chat_templates import (
     SpecialTokenShield,
     plain_template_data,
 )
+from .detokenizer import StreamingDetokenizer, token_bytes_table
 from .errors import QwenMLXError
 
 __all__ = ["QwenTokenizer"]
@@ -71,6 +72,7 @@ class QwenTokenizer:
         # Encoding toggles the wrapped tokenizer's encode_special_tokens flag; the lock
         # keeps two threads from seeing each other's setting.
         self._lock = threading.Lock()
+        self._token_bytes: list[bytes] | None = None
 
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
@@ -125,6 +127,17 @@ class QwenTokenizer:
                    generation_config=gen if isinstance(gen, dict) else {}, **tokens)
 
     # ---------------------------------------------------------------- encoding
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the control tokens (special added tokens): skipped when decoding for display."""
+        return self._special_ids
+
+    def detokenizer(self) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer; the byte table is built once, on first use."""
+        if self._token_bytes is None:
+            self._token_bytes = token_bytes_table(self.tokenizer)
+        return StreamingDetokenizer(self._token_bytes, self._special_ids)
 
     @property
     def vocab_size(self) -> int:

@@ -109,3 +109,36 @@ def mlx_incremental_logits(model, ids: np.ndarray, prefill: int) -> np.ndarray:
     for t in range(prefill, ids.shape[1]):
         out.append(np.array(model(mx.array(ids[:, t:t + 1]), cache=cache)))
     return np.concatenate(out, axis=1)
+
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+
+
+def write_tiny_tokenizer(folder: Path, *, vocab: int = 300, chat_template: str | None = None,
+                         generation_config: dict | None = None) -> None:
+    """A tiny byte-level BPE tokenizer with Qwen's control tokens and Qwen3's think tags.
+
+    `chat_template` names a file under tests/fixtures/templates ("qwen3", "qwen2_5").
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab - 2, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["the quick brown fox jumps over the lazy dog. ",
+            "hello world, this is a tiny tokenizer for the qwen mlx tests. ",
+            "def main():\n    return 42\n", "user assistant system\n"] * 8
+    tok.train_from_iterator(text, trainer)
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
+                    AddedToken("</think>", special=False, normalized=False)])
+    assert tok.get_vocab_size() <= vocab
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = (TEMPLATES / f"{chat_template}.jinja").read_text()
+    fast.save_pretrained(str(folder))
+    if generation_config is not None:
+        (Path(folder) / "generation_config.json").write_text(json.dumps(generation_config))
