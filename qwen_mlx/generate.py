@@ -88,7 +88,8 @@ def prefill(model, tokens: Sequence[int], cache: list, *, step: int = 512,
     total = prompt_length or len(tokens)
     with mx.stream(_STREAM):
         for i in range(0, len(tokens), step):
-            model(mx.array(tokens[i:i + step])[None], cache=cache, prompt_length=total)
+            model(mx.array(tokens[i:i + step])[None], cache=cache, prompt_length=total,
+                  last_only=True)
             _eval_cache(cache)
 
 
@@ -100,18 +101,19 @@ def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler,
     if not prompt:
         raise QwenMLXError("the prompt is empty: give at least one token")
     total = prompt_length or len(prompt)
-    # All but the last chunk go through `prefill`; the last one gives the first logits.
-    chunk_start = (len(prompt) - 1) // prefill_step_size * prefill_step_size
-    prefill(model, prompt[:chunk_start], cache, step=prefill_step_size, prompt_length=total)
+    # Everything but the last token only fills the cache: evaluating just the
+    # keys and values lets MLX skip the last layer's attention and MLP there,
+    # and the vocabulary projection runs for one position.
+    prefill(model, prompt[:-1], cache, step=prefill_step_size, prompt_length=total)
 
     def step(tokens: mx.array) -> mx.array:
-        logits = model(tokens[None], cache=cache, prompt_length=total)[:, -1, :]
+        logits = model(tokens[None], cache=cache, prompt_length=total, last_only=True)[:, -1, :]
         token = sampler(logits)
         sampler.observe(token)
         return token
 
     with mx.stream(_STREAM):
-        y = step(mx.array(prompt[chunk_start:]))
+        y = step(mx.array(prompt[-1:]))
         mx.async_eval(y)
         produced = 0
         while True:

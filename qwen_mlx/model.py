@@ -158,11 +158,14 @@ class Model(nn.Module):
         return make_cache(self.config.sliding_windows, kv_bits=kv_bits, max_kv_size=max_kv_size)
 
     def __call__(self, inputs: mx.array, cache: list | None = None, *,
-                 prompt_length: int | None = None) -> mx.array:
+                 prompt_length: int | None = None, last_only: bool = False) -> mx.array:
         """Logits [B, L, V] for tokens [B, L], continuing from `cache` when given.
 
         `prompt_length`: the whole prompt's length when it is prefilled in
         chunks, so Qwen1's NTK picks its α from the prompt, not the first chunk.
+        `last_only`: logits for the last position only ([B, 1, V]); generation
+        needs no more, and the vocabulary projection dominates a prefill's cost
+        on small models.
         """
         length = inputs.shape[1]
         offset = cache[0].offset if cache else 0
@@ -172,6 +175,8 @@ class Model(nn.Module):
         h = self.model.embed_tokens(inputs)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, positions, cache[i] if cache else None)
+        if last_only:
+            h = h[:, -1:, :]
         h = self.model.norm(h)
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)

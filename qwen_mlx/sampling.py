@@ -107,6 +107,14 @@ class Sampler:
         return logits
 
     def _stochastic(self, logits: mx.array) -> mx.array:
+        logits = self.filter(logits)
+        if self._key is not None:
+            self._key, sub = mx.random.split(self._key)
+            return mx.random.categorical(logits, key=sub)
+        return mx.random.categorical(logits)
+
+    def filter(self, logits: mx.array) -> mx.array:
+        """Temperature, then top-k, top-p and min-p masks (-inf), as transformers orders them."""
         p = self.params
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
@@ -126,10 +134,7 @@ class Sampler:
                 drop = mx.zeros_like(drop_sorted)
                 drop = mx.put_along_axis(drop, order, drop_sorted, axis=-1)
                 logits = mx.where(drop, -mx.inf, logits)
-        if self._key is not None:
-            self._key, sub = mx.random.split(self._key)
-            return mx.random.categorical(logits, key=sub)
-        return mx.random.categorical(logits)
+        return logits
 
 
 def _greedy(logits: mx.array) -> mx.array:

@@ -197,3 +197,20 @@ def test_bfloat16_moe_on_cpu_runs(tmp_path):
     out = model(mx.array(IDS))
     assert out.dtype == mx.bfloat16
     assert np.abs(np.array(out.astype(mx.float32)) - hf_logits(hf, IDS)).max() < 0.1
+
+
+def test_named_rope_scaling_and_max_context(tmp_path):
+    hf, folder = build_checkpoint(tmp_path / "m", "qwen3", num_hidden_layers=2,
+                                  rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 64})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ids = np.random.RandomState(2).randint(0, 160, size=(1, 70))
+    # "yarn" takes the original length from max_position_embeddings (64 here).
+    model, _ = qwen_mlx.load(folder, rope_scaling="yarn", rope_factor=4.0)
+    assert np.abs(logits(model, ids) - hf_logits(hf, ids)).max() < 1e-4
+    assert model.max_context == 256 and qwen_mlx.load(folder)[0].max_context == 64
+    assert qwen_mlx.load(folder, max_context=100)[0].max_context == 100
+    with pytest.raises(QwenMLXError, match="--rope-scaling longrope"):
+        qwen_mlx.load(folder, rope_scaling="longrope")
