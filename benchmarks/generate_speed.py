@@ -113,7 +113,7 @@ PROMPT_LEN = [0]
 
 def run_ours(folder: Path, prompt: list[int], gen: int, dtype: str | None) -> tuple[float, float]:
     import qwen_mlx
-    from qwen_mlx.generate import stream_generate
+    from qwen_mlx.generation import stream_generate
 
     model, tok = qwen_mlx.load(folder, dtype=dtype)
     tok.detokenizer()  # build the byte table outside the timed region, as mlx-lm does at load

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .config import ModelConfig  # noqa: E402
 from .converter import convert  # noqa: E402
 from .errors import QwenMLXError  # noqa: E402
-from .generate import ChatSession, generate, stream_generate  # noqa: E402
+from .generation import ChatSession, generate, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402
 from .model import Model  # noqa: E402
 

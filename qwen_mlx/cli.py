@@ -124,7 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import time
 
     from .cache import load_prompt_cache, save_prompt_cache
-    from .generate import reuse_cache, stream_generate
+    from .generation import reuse_cache, stream_generate
     from .hub import resolve_model_path
     from .loader import load
 
