@@ -46,13 +46,10 @@ mlx_lm = pytest.importorskip("mlx_lm")
 import mlx_lm.utils as mlx_lm_utils  # noqa: E402
 from mlx_lm import convert as mlx_lm_convert  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig,
-    AutoModelForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import qwen_mlx  # noqa: E402
+from conftest import write_tiny_tokenizer  # noqa: E402
 
 VOCAB = 320  # model vocab; the tokenizer has 300 entries, inside it
 TOKENIZER_VOCAB = 300
@@ -128,28 +125,7 @@ PROMPT = np.random.RandomState(1234).randint(0, TOKENIZER_VOCAB, size=12).astype
 
 def _build_tokenizer(folder: Path) -> None:
     """A tiny byte-level BPE tokenizer (300 entries) with Qwen's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    text = [
-        "the quick brown fox jumps over the lazy dog. ",
-        "hello world, this is a tiny tokenizer for the qwen mlx tests. ",
-        "def main():\n    return 42\n",
-    ] * 8
-    tok.train_from_iterator(text, trainer)
-    assert tok.get_vocab_size() <= VOCAB
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.save_pretrained(str(folder))
+    write_tiny_tokenizer(folder, vocab=TOKENIZER_VOCAB)
 
 
 def _build_hf_checkpoint(family: str, folder: Path):
