@@ -17,6 +17,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qwen-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chat = sub.add_parser(
+        "chat", help="chat in the terminal (the default model is downloaded and converted once)",
+        description="Open the chat UI. --model takes an MLX or Hugging Face folder or a hub "
+                    "repo id; a hub model that is not in MLX form is converted to 4-bit once "
+                    "and cached.")
+    chat.add_argument("-m", "--model", help="model folder or hub repo id (default: Qwen/Qwen3-0.6B)")
+    chat.add_argument("--revision", help="hub branch, tag or commit")
+    chat.add_argument("--rope-scaling", choices=["yarn"],
+                      help="extend the context with YaRN (best only for long inputs)")
+    chat.add_argument("--rope-factor", type=float, default=4.0)
+    chat.add_argument("--max-context", type=int, help="context limit in tokens")
     add_convert_arguments(sub.add_parser(
         "convert", help="convert a hub repo or local checkpoint into an MLX folder, optionally quantized",
         description="Convert a Qwen checkpoint (a hub repo id or a local folder) into an MLX "
@@ -108,16 +119,19 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
-    if args.file:
-        try:
+    source = args.file or "stdin"
+    try:
+        if args.file:
             return Path(args.file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise QwenMLXError(f"{args.file}: cannot read the prompt ({e.strerror})") from None
-    if args.prompt not in (None, "-"):
-        return args.prompt
-    if sys.stdin.isatty() and args.prompt is None:
-        raise QwenMLXError("no prompt: give one as an argument, with --file, or on stdin")
-    return sys.stdin.read()
+        if args.prompt not in (None, "-"):
+            return args.prompt.encode("utf-8", "surrogateescape").decode("utf-8")
+        if sys.stdin.isatty() and args.prompt is None:
+            raise QwenMLXError("no prompt: give one as an argument, with --file, or on stdin")
+        return sys.stdin.buffer.read().decode("utf-8")
+    except OSError as e:
+        raise QwenMLXError(f"{source}: cannot read the prompt ({e.strerror})") from None
+    except UnicodeError:
+        raise QwenMLXError(f"the prompt ({args.file or 'argument or stdin'}) is not valid UTF-8")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -191,6 +205,17 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_chat(args: argparse.Namespace) -> int:
+    from .models import prepare_model
+
+    folder = prepare_model(args.model, revision=args.revision)
+    from tui.app import run_chat as run_app
+
+    run_app(folder, rope_scaling=args.rope_scaling, rope_factor=args.rope_factor,
+            max_context=args.max_context)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .config import ModelConfig
 
@@ -213,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"convert": run_convert, "generate": run_generate,
+        return {"chat": run_chat, "convert": run_convert, "generate": run_generate,
                 "info": _info}[args.command](args)
     except QwenMLXError as e:
         print(f"qwen-mlx: error: {e}", file=sys.stderr)

@@ -236,3 +236,6 @@ def test_cli_generate(qwen3, tmp_path):
     assert " 0 cached" not in again.stderr
     bad = run_cli("generate", "-m", str(tmp_path / "none"), "hi")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    binary = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", "-m", str(folder)],
+                            input=b"\xff\xfe not utf-8", capture_output=True, timeout=300)
+    assert binary.returncode == 2 and b"not valid UTF-8" in binary.stderr
