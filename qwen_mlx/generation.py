@@ -100,6 +100,8 @@ def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler,
     except, when `max_tokens` runs out, the last one."""
     if not prompt:
         raise QwenMLXError("the prompt is empty: give at least one token")
+    if max_tokens < 1:
+        raise QwenMLXError(f"max_tokens must be at least 1, got {max_tokens}")
     total = prompt_length or len(prompt)
     # Everything but the last token only fills the cache: evaluating just the
     # keys and values lets MLX skip the last layer's attention and MLP there,
@@ -107,25 +109,19 @@ def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler,
     prefill(model, prompt[:-1], cache, step=prefill_step_size, prompt_length=total)
 
     def step(tokens: mx.array) -> mx.array:
-        logits = model(tokens[None], cache=cache, prompt_length=total, last_only=True)[:, -1, :]
-        token = sampler(logits)
-        sampler.observe(token)
+        """Queue the next token's computation; MLX runs it while the caller works."""
+        with mx.stream(_STREAM):
+            logits = model(tokens[None], cache=cache, prompt_length=total, last_only=True)
+            token = sampler(logits[:, -1, :])
+            sampler.observe(token)
+        mx.async_eval(token)
         return token
 
-    with mx.stream(_STREAM):
-        y = step(mx.array(prompt[-1:]))
-        mx.async_eval(y)
-        produced = 0
-        while True:
-            if produced + 1 < max_tokens:
-                with mx.stream(_STREAM):
-                    next_y = step(y)
-                mx.async_eval(next_y)
-            yield int(y.item())
-            produced += 1
-            if produced >= max_tokens:
-                return
-            y = next_y
+    y = step(mx.array(prompt[-1:]))
+    for produced in range(1, max_tokens + 1):
+        next_y = step(y) if produced < max_tokens else None
+        yield int(y.item())
+        y = next_y
 
 
 def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], *,
