@@ -50,17 +50,16 @@ def load(path: str | Path, *, dtype: str | mx.Dtype | None = None,
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise QwenMLXError(f"{folder}: no such model folder")
-    config_path = folder / "config.json"
+    if max_context is not None and max_context < 2:
+        raise QwenMLXError(f"--max-context {max_context} is too small")
     if isinstance(rope_scaling, str):
         rope_scaling = _named_rope_scaling(rope_scaling, rope_factor)
-    config = ModelConfig.from_file(config_path, rope_scaling=rope_scaling)
+    config = ModelConfig.from_file(folder / "config.json", rope_scaling=rope_scaling)
     weights, origin = read_safetensors(folder)
     model = build_model(config, weights, origin)
     set_compute_dtype(model, resolve_dtype(dtype, config, weights))
     mx.eval(model.parameters())
     if max_context is not None:
-        if max_context < 2:
-            raise QwenMLXError(f"--max-context {max_context} is too small")
         model.max_context = max_context
     return model, load_tokenizer(folder)
 
