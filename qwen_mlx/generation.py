@@ -83,21 +83,27 @@ def _eval_cache(cache: list) -> None:
 
 
 def prefill(model, tokens: Sequence[int], cache: list, *, step: int = 512,
-            prompt_length: int | None = None) -> None:
-    """Run `tokens` into the cache in chunks of `step`, producing no logits."""
+            prompt_length: int | None = None, cancel=None) -> bool:
+    """Run `tokens` into the cache in chunks of `step`, producing no logits.
+
+    Returns False when `cancel` stopped it between chunks."""
     total = prompt_length or len(tokens)
     with mx.stream(_STREAM):
         for i in range(0, len(tokens), step):
+            if _cancelled(cancel):
+                return False
             model(mx.array(tokens[i:i + step])[None], cache=cache, prompt_length=total,
                   last_only=True)
             _eval_cache(cache)
+    return True
 
 
 def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler, *,
                     max_tokens: int, prefill_step_size: int = 512,
-                    prompt_length: int | None = None) -> Iterator[int]:
+                    prompt_length: int | None = None, cancel=None) -> Iterator[int]:
     """Yield sampled token ids; the cache ends holding the prompt and every yielded token
-    except, when `max_tokens` runs out, the last one."""
+    except, when `max_tokens` runs out, the last one. `cancel` can stop a long prefill
+    between chunks (then nothing is yielded)."""
     if not prompt:
         raise QwenMLXError("the prompt is empty: give at least one token")
     if max_tokens < 1:
@@ -106,7 +112,9 @@ def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler,
     # Everything but the last token only fills the cache: evaluating just the
     # keys and values lets MLX skip the last layer's attention and MLP there,
     # and the vocabulary projection runs for one position.
-    prefill(model, prompt[:-1], cache, step=prefill_step_size, prompt_length=total)
+    if not prefill(model, prompt[:-1], cache, step=prefill_step_size, prompt_length=total,
+                   cancel=cancel):
+        return
 
     def step(tokens: mx.array) -> mx.array:
         """Queue the next token's computation; MLX runs it while the caller works."""
@@ -218,7 +226,7 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
     finish = "length"
     for token in generate_tokens(model, list(new_ids), cache, sampler, max_tokens=max_tokens,
                                  prefill_step_size=prefill_step_size,
-                                 prompt_length=len(context)):
+                                 prompt_length=len(context), cancel=cancel):
         if first is None:
             first = time.perf_counter()
         n += 1
@@ -240,7 +248,9 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             finish = "cancelled"
             break
     else:
-        if limit and cache[0].offset + 1 >= limit:
+        if n == 0 and _cancelled(cancel):
+            finish = "cancelled"  # during the prefill
+        elif limit and cache[0].offset + 1 >= limit:
             finish = "context"
     tail = stops.flush() if finish != "stop" else ""
     tail += detok.finalize() if finish != "stop" else ""
@@ -346,18 +356,23 @@ class ChatSession:
         generated: list[int] = []
         thinking_parts, answer_parts = [], []
         thinking = thinking_enabled(self.messages, self.enable_thinking)
+        replied = False
         try:
             for r in _stream(self.model, self.tokenizer, new, self.cache, context=ids,
                              thinking=thinking, max_tokens=max_tokens, stop=stop,
                              prefill_step_size=self.prefill_step_size, cancel=cancel,
                              sampling=sampling, tokens_out=generated):
+                replied = True
                 (thinking_parts if r.phase == "thinking" else answer_parts).append(r.text)
                 yield r
         finally:
-            # Whatever happened, the history and the cache's ids stay consistent.
+            # Whatever happened, the history and the cache's ids stay consistent; a
+            # turn that failed before replying (say, past the context limit) adds nothing.
             self.cached = (ids + generated)[: self.cache[0].offset]
-            self.messages.append({"role": "assistant", "content": "".join(answer_parts).strip(),
-                                  "reasoning_content": "".join(thinking_parts).strip()})
+            if replied:
+                self.messages.append({"role": "assistant",
+                                      "content": "".join(answer_parts).strip(),
+                                      "reasoning_content": "".join(thinking_parts).strip()})
         if prepare_next_turn:
             self.prepare_next_turn()
 

@@ -239,3 +239,21 @@ def test_cli_generate(qwen3, tmp_path):
     binary = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", "-m", str(folder)],
                             input=b"\xff\xfe not utf-8", capture_output=True, timeout=300)
     assert binary.returncode == 2 and b"not valid UTF-8" in binary.stderr
+
+
+def test_cancel_during_a_long_prefill_and_a_failed_turn_adds_nothing(qwen3):
+    model, tok, folder = qwen3
+    calls = []
+
+    def cancel():  # stop after the first prefill chunk
+        calls.append(1)
+        return len(calls) > 1
+
+    rs = list(stream_generate(model, tok, list(range(100)), max_tokens=8, prefill_step_size=10,
+                              cancel=cancel))
+    assert rs[-1].finish_reason == "cancelled" and rs[-1].generation_tokens == 0
+    small, _ = qwen_mlx.load(folder, max_context=24)
+    s = ChatSession(small, tok, enable_thinking=False)
+    with pytest.raises(qwen_mlx.QwenMLXError, match="context limit"):
+        list(s.send("the quick brown fox jumps over the lazy dog " * 3))
+    assert [m["role"] for m in s.messages] == ["user"]

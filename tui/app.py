@@ -1,0 +1,169 @@
+"""The chat App and `run_chat`, the entry point `qwen-mlx chat` calls.
+
+The App holds what outlives a chat: the model and tokenizer, the settings and
+the store. The model loads in a thread worker, so the window opens at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from textual import work
+from textual.app import App
+from textual.binding import Binding
+
+from qwen_mlx.generation import ChatSession
+from qwen_mlx.loader import load
+
+from .paths import resolve_data_dir
+from .screens.chat import ChatScreen
+from .settings import Settings
+from .store import ChatRecord, ChatStore
+from .widgets.messages import MessageView, UserMessage
+from .widgets.prompt import PromptInput
+
+
+class ChatApp(App[None]):
+    """Chat with a local Qwen model.
+
+    Args:
+        model_path: the model folder (what `qwen_mlx.load` reads).
+        rope_scaling, rope_factor, max_context: loader options from the command line;
+            when given they override the saved settings for this run.
+        data_dir: where settings and chats live (see `tui.paths`).
+        preloaded: an already loaded (model, tokenizer), skipping the load (tests).
+        clock: the clock for thinking timers (tests and snapshots freeze it).
+        flush_interval: the shortest time between two UI updates of a streaming reply.
+        chat_id: a saved chat to open at start instead of a new one.
+        session_factory: makes the ChatSession (ChatSession itself; tests may wrap it).
+    """
+
+    CSS_PATH = "app.tcss"
+    TITLE = "qwen-mlx"
+    # The help screen lists every key; the palette would add a second, partial list.
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [Binding("ctrl+q", "quit", "Quit", priority=True, tooltip="quit")]
+
+    def __init__(self, model_path: str | Path, *, rope_scaling: str | None = None,
+                 rope_factor: float = 4.0, max_context: int | None = None,
+                 data_dir: str | Path | None = None, preloaded: tuple[Any, Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic, flush_interval: float = 0.05,
+                 chat_id: str | None = None,
+                 session_factory: Callable[..., ChatSession] = ChatSession) -> None:
+        super().__init__()
+        self.model_path = Path(model_path)
+        self.store = ChatStore(resolve_data_dir(data_dir))
+        settings, self._settings_warning = self.store.load_settings()
+        overrides: dict[str, Any] = {}
+        if rope_scaling is not None:
+            overrides.update(rope_scaling=rope_scaling, rope_factor=rope_factor)
+        if max_context is not None:
+            overrides["max_context"] = max_context
+        self.settings: Settings = replace(settings, **overrides)
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._preloaded = preloaded
+        self.clock, self.flush_interval = clock, flush_interval
+        self.session_factory = session_factory
+        self._chat_id = chat_id
+
+    def get_default_screen(self) -> ChatScreen:
+        return ChatScreen()
+
+    @property
+    def chat(self) -> ChatScreen:
+        """The main screen (the bottom of the screen stack)."""
+        return self.screen_stack[0]  # type: ignore[return-value]
+
+    def on_mount(self) -> None:
+        if self._settings_warning:
+            self.notify(self._settings_warning, severity="warning", markup=False)
+        if self._preloaded is not None:
+            self._model_loaded(*self._preloaded)
+        else:
+            self.load_model()
+
+    def first_record(self) -> ChatRecord:
+        """The chat shown at start: the one asked for, else a new one."""
+        if self._chat_id:
+            try:
+                return self.store.load(self._chat_id)
+            except (OSError, ValueError, KeyError) as e:
+                self.notify(f"Could not open chat {self._chat_id}: {e}", severity="error",
+                            markup=False)
+        return self.store.new_chat(system=self.settings.system_prompt)
+
+    # ------------------------------------------------------------------ model
+
+    @work(thread=True, exclusive=True, group="model", exit_on_error=False)
+    def load_model(self) -> None:
+        """Load (or reload) the model with the current long-context settings."""
+        options = self.settings.model_options()
+        try:
+            model, tokenizer = load(self.model_path, **options)
+            if tokenizer is None:
+                raise ValueError(f"{self.model_path} has no tokenizer.json; convert it with "
+                                 "`qwen-mlx convert`")
+        except Exception as e:  # shown in the window: the user can fix the settings
+            self.call_from_thread(self._model_failed, str(e))
+            return
+        self.call_from_thread(self._model_loaded, model, tokenizer)
+
+    def _model_loaded(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.chat.model_ready()
+
+    def _model_failed(self, error: str) -> None:
+        self.chat.model_failed(error)
+        self.notify(f"The model could not be loaded: {error}", severity="error",
+                    timeout=30, markup=False)
+
+    def reload_model(self) -> None:
+        label = ("with YaRN" if self.settings.rope_scaling else "without YaRN")
+        self.model = self.tokenizer = None
+        self.chat.model_loading(f"Reloading the model {label}…")
+        self.load_model()
+
+    # --------------------------------------------------------------- settings
+
+    def apply_settings(self, settings: Settings | None) -> None:
+        """Save new settings and apply them: the system prompt to this chat, and a
+        reload when the long-context options changed."""
+        if settings is None or settings == self.settings:
+            return
+        old, self.settings = self.settings, settings
+        try:
+            self.store.save_settings(settings)
+        except OSError as e:
+            self.notify(f"Could not save the settings: {e}", severity="error", markup=False)
+        if settings.system_prompt != old.system_prompt:
+            self.chat.set_system_prompt(settings.system_prompt)
+        if settings.model_options() != old.model_options():
+            self.reload_model()
+        self.notify("Settings saved.")
+
+    # ---------------------------------------------------------------- helpers
+
+    def help_sections(self) -> list[tuple[str, list]]:
+        """The help screen's content, from the bindings in force."""
+        return [("Chat", list(ChatScreen.BINDINGS) + list(self.BINDINGS)),
+                ("Message box", PromptInput.KEYS),
+                ("A focused message (Tab to reach it)",
+                 list(MessageView.BINDINGS) + list(UserMessage.BINDINGS)),
+                ("Dialogs", [("escape", "close or cancel"), ("ctrl+s", "save the settings"),
+                             ("d", "delete the highlighted chat (chat list)")])]
+
+    async def action_quit(self) -> None:
+        # A reply still streaming would keep its thread (and the process) alive.
+        self.chat.stop_generation()
+        self.exit()
+
+
+def run_chat(model_path: Path, *, rope_scaling: str | None = None, rope_factor: float = 4.0,
+             max_context: int | None = None, data_dir: Path | None = None) -> None:
+    """Open the chat UI on `model_path` and return when the user quits."""
+    ChatApp(model_path, rope_scaling=rope_scaling, rope_factor=rope_factor,
+            max_context=max_context, data_dir=data_dir).run()

@@ -1,0 +1,108 @@
+"""One turn, in the generation thread: fit the context, stream the reply, report.
+
+Runs in a thread worker and touches only the ChatSession it was given; every
+result reaches the UI as a message through `post` (thread-safe, never waits).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from textual.message import Message
+
+from qwen_mlx.errors import QwenMLXError
+
+from .context import (
+    ContextFull,
+    kv_cache_bytes,
+    prompt_length,
+    reasoning_not_resent,
+    reply_reserve,
+    turns_to_drop,
+)
+from .settings import Settings
+from .streaming import TurnDone, TurnStreamer, TurnTrimmed
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """What the worker is asked to do: send, regenerate, or edit message `index`."""
+
+    kind: str  # "send" | "regenerate" | "edit"
+    turn: int
+    settings: Settings  # as they were when the turn started
+    text: str = ""
+    index: int = -1  # a ChatSession.messages index, for "edit"
+
+
+def run_turn(request: TurnRequest, session: Any, cancel: threading.Event, *,
+             post: Callable[[Message], Any], clock: Callable[[], float],
+             interval: float) -> None:
+    """Trim to fit, stream the reply through a TurnStreamer, then post TurnDone."""
+    settings = request.settings
+    streamer = TurnStreamer(post, turn=request.turn, clock=clock, interval=interval)
+    before = session.messages[-1] if session.messages else None
+    error = None
+    try:
+        index = fit_to_context(request, session, post)
+        options = dict(max_tokens=settings.max_tokens, cancel=cancel, **settings.sampling())
+        if request.kind == "send":
+            replies = session.send(request.text, **options)
+        elif request.kind == "edit":
+            replies = session.edit(index, request.text, **options)
+        else:
+            replies = session.regenerate(**options)
+        for r in replies:
+            streamer.add(r)
+    except (ContextFull, QwenMLXError) as e:
+        error = str(e)
+    except Exception as e:  # a bug should not leave the UI waiting forever
+        error = f"{type(e).__name__}: {e}"
+    streamer.flush()
+    messages = [dict(m) for m in session.messages]
+    # ChatSession appends its reply even when stopped or failed mid-stream; a new last
+    # message means this turn has one (the prompt may also have been refused outright).
+    replied = bool(messages) and messages[-1].get("role") == "assistant" \
+        and session.messages[-1] is not before
+    try:
+        saved = reasoning_not_resent(session.tokenizer, messages,
+                                     enable_thinking=session.enable_thinking)
+    except Exception:  # a template that cannot render the probe: no figure to show
+        saved = 0
+    post(TurnDone(
+        request.turn, messages=messages, stats=streamer.stats() if replied else None,
+        thinking=streamer.thinking() if replied else None,
+        context_tokens=session.cache[0].offset, kv_bytes=kv_cache_bytes(session.cache),
+        reasoning_saved=saved, error=error, replied=replied))
+
+
+def fit_to_context(request: TurnRequest, session: Any, post: Callable[[Message], Any]) -> int:
+    """Drop the oldest turns from the session when the prompt would not fit, and post
+    TurnTrimmed; returns the edit index shifted by what was dropped. Raises ContextFull
+    when the new message alone does not fit."""
+    messages = session.messages
+    new_user = [{"role": "user", "content": request.text}]
+    if request.kind == "send":
+        upcoming = messages + new_user
+    elif request.kind == "edit":
+        upcoming = messages[:request.index] + new_user
+    else:  # regenerate: the history up to the last user message
+        upcoming = messages[:-1] if messages and messages[-1]["role"] == "assistant" \
+            else list(messages)
+    limit = session.model.max_context
+    reserve = reply_reserve(limit, request.settings.max_tokens)
+    think = session.enable_thinking
+    drop = turns_to_drop(session.tokenizer, upcoming, limit=limit, reserve=reserve,
+                         enable_thinking=think)
+    if not drop:
+        return request.index
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    full = prompt_length(session.tokenizer, upcoming, enable_thinking=think)
+    kept = prompt_length(session.tokenizer, upcoming[:head] + upcoming[head + drop:],
+                         enable_thinking=think)
+    dropped = messages[head:head + drop]
+    session.messages = messages[:head] + messages[head + drop:]
+    post(TurnTrimmed(request.turn, [dict(m) for m in dropped], full - kept))
+    return request.index - drop
