@@ -23,14 +23,15 @@ class MessageView(Vertical, can_focus=True):
                 Binding("b", "copy_code", "Copy code", tooltip="copy its last code block")]
     role = ""
 
-    def __init__(self, *, dropped: bool = False) -> None:
+    def __init__(self, text: str = "", *, dropped: bool = False) -> None:
         super().__init__(classes=f"message {self.role}")
+        self._text = text
         self.set_dropped(dropped)
 
     @property
     def text(self) -> str:
         """The message as sent or received (Markdown for the model's)."""
-        raise NotImplementedError
+        return self._text
 
     def set_dropped(self, dropped: bool) -> None:
         """Mark a message the context no longer holds."""
@@ -64,12 +65,7 @@ class UserMessage(MessageView):
             self.message = message
 
     def __init__(self, text: str, *, dropped: bool = False) -> None:
-        self._text = text
-        super().__init__(dropped=dropped)
-
-    @property
-    def text(self) -> str:
-        return self._text
+        super().__init__(text, dropped=dropped)
 
     def compose(self) -> ComposeResult:
         yield Label("You", classes="role")
@@ -85,12 +81,8 @@ class OtherMessage(MessageView):
     role = "other"
 
     def __init__(self, role: str, text: str, *, dropped: bool = False) -> None:
-        self._role_name, self._text = role, text
-        super().__init__(dropped=dropped)
-
-    @property
-    def text(self) -> str:
-        return self._text
+        self._role_name = role
+        super().__init__(text, dropped=dropped)
 
     def compose(self) -> ComposeResult:
         yield Label(self._role_name.capitalize(), classes="role", markup=False)
