@@ -36,6 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(sub.add_parser(
         "generate", help="generate a reply to one prompt, streamed, with speed stats",
         description="Generate text from a prompt given as an argument, on stdin or in a file."))
+    bench = sub.add_parser(
+        "bench", help="measure prefill, decode, TTFT and memory, side by side with mlx-lm",
+        description="Benchmark a model (folder, hub id or --shape) on this machine, against "
+                    "mlx-lm on the same converted weights when it is installed.")
+    bench.add_argument("model", nargs="?", help="model folder or hub repo id")
+    bench.add_argument("--shape", help="a synthetic shape with random weights instead: "
+                                       "qwen3-0.6b-shape, qwen3-30b-a3b-shape-small, tiny-shape")
+    bench.add_argument("--layers", type=int, default=4, help="layers of the synthetic shape")
+    bench.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
+    bench.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    bench.add_argument("--contexts", default="128,1024", help="prompt lengths, comma-separated")
+    bench.add_argument("--gen", type=int, default=32, help="tokens to generate per run")
+    bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--defaults", action="store_true",
+                       help="each tool's default dtype instead of float32 for both")
+    bench.add_argument("--no-peers", action="store_true", help="do not run mlx-lm")
+    bench.add_argument("--out", default="bench-results", help="folder for JSON, Markdown, PNG")
+    bench.add_argument("--work", default=None, help="folder for converted models "
+                                                    "(default: the qwen-mlx cache)")
     info = sub.add_parser("info", help="describe a model folder: family, shapes, RoPE, quantization")
     info.add_argument("model", help="a local model folder (Hugging Face or mlx-lm layout)")
     return parser
@@ -216,6 +235,53 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import benchmark, plot, synthetic_checkpoint
+    from .converter import convert
+    from .models import cache_dir
+
+    try:
+        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    except ValueError:
+        raise QwenMLXError(f"--contexts {args.contexts!r}: give numbers like 128,1024") from None
+    if not contexts or min(contexts) < 2 or args.gen < 2 or args.reps < 1:
+        raise QwenMLXError("--contexts need at least 2 tokens, --gen at least 2, --reps 1")
+    if bool(args.model) == bool(args.shape):
+        raise QwenMLXError("give a model folder or hub id, or --shape NAME (one of them)")
+    work = Path(args.work) if args.work else cache_dir() / "bench"
+    if args.shape:
+        source = work / f"{args.shape}-L{args.layers}"
+        if not (source / "config.json").exists():
+            synthetic_checkpoint(source, args.shape, args.layers)
+        label = f"{args.shape}, {args.layers} layers"
+    else:
+        from .hub import resolve_model_path
+
+        source = resolve_model_path(args.model)
+        label = args.model
+    from .config import ModelConfig
+
+    folder = source
+    if ModelConfig.from_file(source / "config.json").quantization is None:
+        folder = work / f"{source.name}-{args.bits}bit-g{args.group_size}"
+        if not (folder / "config.json").exists():
+            convert(source, folder, quantize=True, bits=args.bits, group_size=args.group_size)
+    report = benchmark(folder, label=f"{label}, {args.bits}-bit", contexts=contexts,
+                       gen=args.gen, reps=args.reps, dtype=None if args.defaults else "float32",
+                       peers=not args.no_peers,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(report.to_json())
+    (out / "bench.md").write_text(report.markdown() + "\n")
+    plotted = plot(report, out / "bench.png")
+    print(report.markdown())
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}"
+          + (f", {out / 'bench.png'}" if plotted else " (pip install matplotlib for plots)"),
+          file=sys.stderr)
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from .config import ModelConfig
 
@@ -238,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"chat": run_chat, "convert": run_convert, "generate": run_generate,
-                "info": _info}[args.command](args)
+        return {"bench": run_bench, "chat": run_chat, "convert": run_convert,
+                "generate": run_generate, "info": _info}[args.command](args)
     except QwenMLXError as e:
         print(f"qwen-mlx: error: {e}", file=sys.stderr)
         return 2

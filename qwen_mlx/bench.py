@@ -1,0 +1,337 @@
+"""The benchmark harness behind `qwen-mlx bench` and benchmarks/.
+
+It measures qwen-mlx and, when installed, mlx-lm on the very same converted
+folder, alternating runs so drift hits both alike, and reports medians,
+spreads and ratios. Models are a folder, a hub id, or a synthetic shape with
+random weights in the real layout (the speed does not depend on the values),
+so it runs offline and in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import QwenMLXError
+
+# Real widths; `layers` is cut short by default so that CPU runs stay minutes long.
+SHAPES: dict[str, dict] = {
+    "qwen3-0.6b-shape": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072,
+                             num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                             vocab_size=151936, tie_word_embeddings=True,
+                             num_hidden_layers=28),
+    "qwen3-30b-a3b-shape-small": dict(model_type="qwen3_moe", hidden_size=2048,
+                                      intermediate_size=6144, moe_intermediate_size=768,
+                                      num_experts=128, num_experts_per_tok=8,
+                                      norm_topk_prob=True, num_attention_heads=32,
+                                      num_key_value_heads=4, head_dim=128,
+                                      vocab_size=151936, tie_word_embeddings=False,
+                                      num_hidden_layers=48),
+    # For tests of the harness itself.
+    "tiny-shape": dict(model_type="qwen3", hidden_size=64, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       vocab_size=300, tie_word_embeddings=True, num_hidden_layers=2),
+}
+
+
+def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None) -> Path:
+    """Write a float16 Hugging Face-layout checkpoint of `shape` with random weights."""
+    from safetensors.numpy import save_file
+
+    from .config import ModelConfig
+
+    if shape not in SHAPES:
+        raise QwenMLXError(f"unknown shape '{shape}'; choose one of: {', '.join(SHAPES)}")
+    cfg = dict(SHAPES[shape], rope_theta=1e6, max_position_embeddings=40960,
+               rms_norm_eps=1e-6, torch_dtype="float16")
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    c = ModelConfig.from_dict(cfg)
+    rng = np.random.default_rng(0)
+
+    def r(*s):
+        return (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16)
+
+    H, D = c.hidden_size, c.head_dim
+    t = {"model.embed_tokens.weight": r(c.vocab_size, H), "model.norm.weight": np.ones(H, np.float16)}
+    if not c.tie_word_embeddings:
+        t["lm_head.weight"] = r(c.vocab_size, H)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        t.update({p + "self_attn.q_proj.weight": r(c.num_heads * D, H),
+                  p + "self_attn.k_proj.weight": r(c.num_kv_heads * D, H),
+                  p + "self_attn.v_proj.weight": r(c.num_kv_heads * D, H),
+                  p + "self_attn.o_proj.weight": r(H, c.num_heads * D),
+                  p + "self_attn.q_norm.weight": np.ones(D, np.float16),
+                  p + "self_attn.k_norm.weight": np.ones(D, np.float16),
+                  p + "input_layernorm.weight": np.ones(H, np.float16),
+                  p + "post_attention_layernorm.weight": np.ones(H, np.float16)})
+        if c.sparse_layers[i]:
+            m = c.moe
+            t[p + "mlp.gate.weight"] = r(m.num_experts, H)
+            for e in range(m.num_experts):
+                q = p + f"mlp.experts.{e}."
+                t[q + "gate_proj.weight"] = r(m.intermediate_size, H)
+                t[q + "up_proj.weight"] = r(m.intermediate_size, H)
+                t[q + "down_proj.weight"] = r(H, m.intermediate_size)
+        else:
+            t[p + "mlp.gate_proj.weight"] = r(c.intermediate_size, H)
+            t[p + "mlp.up_proj.weight"] = r(c.intermediate_size, H)
+            t[p + "mlp.down_proj.weight"] = r(H, c.intermediate_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    _byte_tokenizer(folder)
+    return folder
+
+
+def _byte_tokenizer(folder: Path) -> None:
+    """A byte-level tokenizer (no merges) with Qwen's control tokens: enough for both tools."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in
+                            ("<|endoftext|>", "<|im_start|>", "<|im_end|>")])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>"}))
+
+
+@dataclass
+class Run:
+    prompt_tokens: int
+    ttft: float
+    prefill_tps: float
+    decode_tps: float
+    peak_memory_gb: float
+    kv_bytes: int
+
+
+@dataclass
+class Row:
+    """One tool at one context length: medians over repetitions, and the spread of decode."""
+
+    tool: str
+    context: int
+    ttft: float
+    prefill_tps: float
+    decode_tps: float
+    decode_spread: float
+    peak_memory_gb: float
+    kv_bytes: int
+
+
+@dataclass
+class Report:
+    machine: dict
+    model: str
+    settings: dict
+    rows: list[Row] = field(default_factory=list)
+    ratios: dict = field(default_factory=dict)
+    multi_turn: dict = field(default_factory=dict)
+    roofline: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def markdown(self) -> str:
+        lines = [f"Model: {self.model} · {self.settings} · device {self.machine['device']}", "",
+                 "| tool | context | TTFT s | prefill tok/s | decode tok/s | peak GB | KV MB |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.tool} | {r.context} | {r.ttft:.2f} | {r.prefill_tps:.1f} | "
+                         f"{r.decode_tps:.2f} ± {r.decode_spread / 2:.2f} | "
+                         f"{r.peak_memory_gb:.2f} | {r.kv_bytes / 2**20:.1f} |")
+        if self.ratios:
+            lines += ["", "| context | prefill ratio | decode ratio | TTFT ratio (lower is better) |",
+                      "|---|---|---|---|"]
+            for ctx, q in sorted(self.ratios.items(), key=lambda kv: int(kv[0])):
+                lines.append(f"| {ctx} | {q['prefill']:.2f}x | {q['decode']:.2f}x | "
+                             f"{q['ttft']:.2f}x |")
+        if self.multi_turn:
+            m = self.multi_turn
+            lines += ["", f"Multi-turn TTFT (turn {m['turns']}): {m['reused_ttft']:.2f} s with "
+                      f"cache reuse vs {m['fresh_ttft']:.2f} s without ({m['speedup']:.1f}x)"]
+        if self.roofline:
+            r = self.roofline
+            lines += ["", f"Roofline: decode moves {r['bytes_per_token'] / 2**20:.1f} MB per "
+                      f"token; at {r['decode_tps']:.2f} tok/s that is {r['achieved_gbps']:.2f} "
+                      f"GB/s of a measured {r['bandwidth_gbps']:.1f} GB/s "
+                      f"({r['percent']:.0f}%)"]
+        return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    info = {"os": platform.platform(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "mlx": mx.__version__,
+            "device": str(mx.default_device())}
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return info
+
+
+def measured_bandwidth(mb: int = 256) -> float:
+    """GB/s of a large array copy on the default device (reads + writes)."""
+    a = mx.random.uniform(shape=(mb * 2**20 // 4,))
+    mx.eval(a)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        mx.eval(a + 1)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9
+
+
+def _timed(stream, prompt_tokens: int) -> tuple[float, float, float]:
+    started = time.perf_counter()
+    stamps = [time.perf_counter() for _ in stream]
+    ttft = stamps[0] - started
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return ttft, prompt_tokens / ttft, decode
+
+
+def run_ours(model, tokenizer, prompt: list[int], gen: int) -> Run:
+    from .generation import stream_generate
+
+    cache = model.make_cache()
+    mx.reset_peak_memory()
+    ttft, pre, dec = _timed((r for r in stream_generate(
+        model, tokenizer, prompt, max_tokens=gen, temperature=0.0, prompt_cache=cache,
+        prefill_step_size=2048) if r.token is not None), len(prompt))
+    return Run(len(prompt), ttft, pre, dec, mx.get_peak_memory() / 1e9,
+               sum(c.nbytes for c in cache))
+
+
+def run_mlx_lm(model, tokenizer, prompt: list[int], gen: int) -> Run:
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.sample_utils import make_sampler
+
+    cache = make_prompt_cache(model)
+    mx.reset_peak_memory()
+    ttft, pre, dec = _timed(mlx_lm.stream_generate(
+        model, tokenizer, prompt, max_tokens=gen, sampler=make_sampler(temp=0.0),
+        prompt_cache=cache), len(prompt))
+    return Run(len(prompt), ttft, pre, dec, mx.get_peak_memory() / 1e9,
+               sum(c.nbytes for c in cache))
+
+
+def _row(tool: str, context: int, runs: list[Run]) -> Row:
+    dec = [r.decode_tps for r in runs]
+    return Row(tool, context, statistics.median(r.ttft for r in runs),
+               statistics.median(r.prefill_tps for r in runs), statistics.median(dec),
+               max(dec) - min(dec), max(r.peak_memory_gb for r in runs), runs[-1].kv_bytes)
+
+
+def multi_turn_ttft(model, tokenizer, turns: int = 3, words: int = 40) -> dict:
+    """TTFT of turn N with the session's cache reused, and with the history prefilled anew."""
+    from .generation import ChatSession
+
+    def message(i):
+        return " ".join(f"word{i}x{j}" for j in range(words))
+
+    session = ChatSession(model, tokenizer, enable_thinking=False)
+    for i in range(turns - 1):
+        for _ in session.send(message(i), max_tokens=8, temperature=0.0):
+            pass
+    session.messages.append({"role": "user", "content": message(turns)})
+    history = [dict(m) for m in session.messages]
+    reused = next(iter(session.respond(max_tokens=2, temperature=0.0))).ttft
+    fresh_session = ChatSession(model, tokenizer, enable_thinking=False, messages=history)
+    fresh = next(iter(fresh_session.respond(max_tokens=2, temperature=0.0))).ttft
+    return {"turns": turns, "reused_ttft": reused, "fresh_ttft": fresh, "speedup": fresh / reused}
+
+
+def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, reps: int = 3,
+              dtype: str | None = "float32", peers: bool = True,
+              progress: Callable[[str], None] = print) -> Report:
+    """Measure a converted folder with qwen-mlx and, when `peers`, mlx-lm on the same weights.
+
+    `dtype`: "float32" compares at equal dtype; None gives each tool its defaults.
+    """
+    from .loader import load
+
+    model, tok = load(folder, dtype=dtype)
+    tok.detokenizer()  # build the byte table before timing, as mlx-lm does at load
+    peer = None
+    if peers:
+        try:
+            import mlx_lm
+        except ImportError:
+            progress("mlx-lm is not installed: measuring qwen-mlx alone")
+        else:
+            peer_model, peer_tok = mlx_lm.load(str(folder))
+            if dtype is not None:
+                peer_model.set_dtype(getattr(mx, dtype))
+            peer = (peer_model, peer_tok)
+    report = Report(machine_info(), label, {"dtype": dtype or "defaults", "gen": gen,
+                                            "reps": reps, "contexts": contexts})
+    rng = np.random.default_rng(0)
+    for ctx in contexts:
+        prompt = rng.integers(0, min(model.config.vocab_size, 150000), ctx).tolist()
+        ours, theirs = [], []
+        for rep in range(reps):  # alternate, so drift hits both alike
+            progress(f"context {ctx}: repetition {rep + 1}/{reps}")
+            ours.append(run_ours(model, tok, prompt, gen))
+            if peer:
+                theirs.append(run_mlx_lm(*peer, prompt, gen))
+        report.rows.append(_row("qwen-mlx", ctx, ours))
+        if peer:
+            report.rows.append(_row("mlx-lm", ctx, theirs))
+            a, b = report.rows[-2], report.rows[-1]
+            report.ratios[str(ctx)] = {"prefill": a.prefill_tps / b.prefill_tps,
+                                       "decode": a.decode_tps / b.decode_tps,
+                                       "ttft": a.ttft / b.ttft}
+    progress("multi-turn TTFT")
+    report.multi_turn = multi_turn_ttft(model, tok)
+    progress("memory bandwidth")
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    last = report.rows[0]
+    per_token = weights + last.kv_bytes
+    bandwidth = measured_bandwidth()
+    achieved = per_token * last.decode_tps / 1e9
+    report.roofline = {"bytes_per_token": per_token, "decode_tps": last.decode_tps,
+                       "achieved_gbps": achieved, "bandwidth_gbps": bandwidth,
+                       "percent": 100 * achieved / bandwidth}
+    return report
+
+
+def plot(report: Report, path: Path) -> bool:
+    """tok/s against context length as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for tool in sorted({r.tool for r in report.rows}):
+        rows = [r for r in report.rows if r.tool == tool]
+        a.plot([r.context for r in rows], [r.decode_tps for r in rows], marker="o", label=tool)
+        b.plot([r.context for r in rows], [r.peak_memory_gb for r in rows], marker="o",
+               label=tool)
+    a.set(xlabel="context tokens", ylabel="decode tok/s", title=report.model)
+    b.set(xlabel="context tokens", ylabel="peak memory GB")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
