@@ -368,6 +368,11 @@ def output_config(config: ModelConfig, *, quantization: dict | None, dtype: str 
                 out.update(num_experts_per_tok=config.moe.top_k,
                            moe_intermediate_size=config.moe.intermediate_size,
                            norm_topk_prob=config.moe.norm_topk_prob)
+            # mlx-lm requires these keys, which HF configs may leave to class defaults.
+            out["decoder_sparse_step"] = m.get("decoder_sparse_step") or 1
+            out["mlp_only_layers"] = m.get("mlp_only_layers") or []
+            if config.family == "qwen2_moe" and config.moe:
+                out["shared_expert_intermediate_size"] = config.moe.shared_intermediate_size
     for key in ("quantization", "quantization_config"):
         out.pop(key, None)
     if quantization is not None:

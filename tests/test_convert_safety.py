@@ -228,3 +228,25 @@ def test_vl_checkpoint_converts_to_its_text_model(tmp_path):
     assert out_cfg["rope_scaling"] is None and "image_token_id" not in out_cfg
     model, _ = qwen_mlx.load(result.path)
     assert np.abs(np.array(model(mx.array(IDS))) - hf_logits(hf, IDS)).max() < 1e-4
+
+
+def test_moe_config_without_optional_keys_loads_in_mlx_lm(tmp_path):
+    """Keys HF leaves to class defaults are written out, since mlx-lm requires them."""
+    import mlx_lm
+
+    from conftest import write_tiny_tokenizer
+
+    hf, src = build_checkpoint(tmp_path / "src", "qwen3_moe", num_hidden_layers=2,
+                               vocab_size=320, intermediate_size=128, moe_intermediate_size=64)
+    write_tiny_tokenizer(src, vocab=320)
+    cfg = json.loads((src / "config.json").read_text())
+    for key in ("decoder_sparse_step", "mlp_only_layers", "norm_topk_prob"):
+        cfg.pop(key, None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = qwen_mlx.convert(src, tmp_path / "out", progress=False).path
+    written = json.loads((out / "config.json").read_text())
+    assert written["decoder_sparse_step"] == 1 and written["mlp_only_layers"] == []
+    model, _ = mlx_lm.load(str(out))
+    ids = mx.array(IDS % 320)
+    ours = np.array(qwen_mlx.load(out)[0](ids))
+    assert np.abs(np.array(model(ids).astype(mx.float32)) - ours).max() < 1e-4
