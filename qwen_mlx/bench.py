@@ -38,6 +38,11 @@ SHAPES: dict[str, dict] = {
                                       vocab_size=151936, tie_word_embeddings=False,
                                       num_hidden_layers=48),
     # For tests of the harness itself.
+    "tiny-moe-shape": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128,
+                           moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                           norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, vocab_size=300, tie_word_embeddings=False,
+                           num_hidden_layers=2),
     "tiny-shape": dict(model_type="qwen3", hidden_size=64, intermediate_size=128,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                        vocab_size=300, tie_word_embeddings=True, num_hidden_layers=2),
@@ -145,6 +150,8 @@ class Report:
     ratios: dict = field(default_factory=dict)
     multi_turn: dict = field(default_factory=dict)
     roofline: dict = field(default_factory=dict)
+    moe_routing: dict = field(default_factory=dict)
+    quality: list = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -167,6 +174,16 @@ class Report:
             m = self.multi_turn
             lines += ["", f"Multi-turn TTFT (turn {m['turns']}): {m['reused_ttft']:.2f} s with "
                       f"cache reuse vs {m['fresh_ttft']:.2f} s without ({m['speedup']:.1f}x)"]
+        if self.moe_routing:
+            m = self.moe_routing
+            lines += ["", f"MoE routing (router, softmax, top-k) per token: {m['routing_ms']:.3f} ms "
+                      f"of {m['moe_block_ms']:.3f} ms for a whole MoE block ({m['share']:.0%})"]
+        if self.quality:
+            lines += ["", "| quantization | bits per weight | KL nats/token | top-1 agreement |",
+                      "|---|---|---|---|"]
+            for q in self.quality:
+                lines.append(f"| {q['name']} | {q['bits_per_weight']:.2f} | {q['kl']:.5f} | "
+                             f"{q['top1']:.1%} |")
         if self.roofline:
             r = self.roofline
             lines += ["", f"Roofline: decode reads {r['bytes_per_token'] / 2**20:.1f} MB per "
@@ -302,6 +319,7 @@ def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, r
                                        "ttft": a.ttft / b.ttft}
     progress("multi-turn TTFT")
     report.multi_turn = multi_turn_ttft(model, tok)
+    report.moe_routing = moe_routing_cost(model)
     progress("memory bandwidth")
     last = report.rows[0]
     per_token = decode_weight_bytes(model) + last.kv_bytes
@@ -326,6 +344,52 @@ def decode_weight_bytes(model) -> float:
         else:
             total += v.nbytes
     return total
+
+
+def moe_routing_cost(model, reps: int = 20) -> dict:
+    """Time of routing a decode token (router, softmax, top-k) against the whole MoE block."""
+    from .model import SparseMoE
+
+    block = next((layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)),
+                 None)
+    if block is None:
+        return {}
+    x = mx.random.normal((1, 1, model.config.hidden_size)).astype(
+        block.gate.weight.dtype if block.gate.weight.dtype != mx.uint32 else mx.float32)
+
+    def route():
+        probs = mx.softmax(block.gate(x).astype(mx.float32), axis=-1)
+        return mx.argpartition(-probs, kth=block.top_k - 1, axis=-1)[..., :block.top_k]
+
+    def best(fn):
+        mx.eval(fn())
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times)
+
+    routing, whole = best(route), best(lambda: block(x))
+    return {"routing_ms": routing, "moe_block_ms": whole, "share": routing / whole}
+
+
+def quantization_quality(source: Path, work: Path, recipes: list[tuple[str, int, int]],
+                         progress: Callable[[str], None] = print) -> list[dict]:
+    """KL and top-1 agreement against the float source for (recipe, bits, group) choices."""
+    from .converter import convert
+
+    out = []
+    for recipe, bits, group in recipes:
+        name = f"{recipe} {bits}-bit g{group}" if recipe == "uniform" else f"{recipe} g{group}"
+        progress(f"quantization quality: {name}")
+        folder = work / f"{source.name}-quality-{recipe}-{bits}-{group}"
+        r = convert(source, folder, quantize=True, bits=bits, group_size=group,
+                    recipe=None if recipe == "uniform" else recipe, check=True, force=True,
+                    progress=False, log=lambda m: None)
+        out.append({"name": name, "bits_per_weight": r.bits_per_weight,
+                    "kl": r.check.kl_divergence, "top1": r.check.top1_agreement})
+    return out
 
 
 def plot(report: Report, path: Path) -> bool:

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--defaults", action="store_true",
                        help="each tool's default dtype instead of float32 for both")
     bench.add_argument("--no-peers", action="store_true", help="do not run mlx-lm")
+    bench.add_argument("--quality", action="store_true",
+                       help="also KL and top-1 agreement against the float model for 3, 4 and "
+                            "8 bits and the mixed recipes (needs a float source)")
     bench.add_argument("--out", default="bench-results", help="folder for JSON, Markdown, PNG")
     bench.add_argument("--work", default=None, help="folder for converted models "
                                                     "(default: the qwen-mlx cache)")
@@ -270,6 +273,16 @@ def run_bench(args: argparse.Namespace) -> int:
                        gen=args.gen, reps=args.reps, dtype=None if args.defaults else "float32",
                        peers=not args.no_peers,
                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.quality:
+        if folder == source:
+            raise QwenMLXError("--quality compares against a float model: give a float "
+                               "checkpoint or --shape, not an already quantized folder")
+        from .bench import quantization_quality
+
+        report.quality = quantization_quality(
+            source, work, [("uniform", 3, args.group_size), ("uniform", 4, args.group_size),
+                           ("mixed_4_6", 4, args.group_size), ("uniform", 8, args.group_size)],
+            progress=lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(report.to_json())

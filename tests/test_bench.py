@@ -44,3 +44,21 @@ def test_bench_rejects_bad_options(tmp_path):
     r = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "bench", "--shape", "tiny-shape",
                         "--contexts", "a,b"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--contexts" in r.stderr
+
+
+def test_moe_routing_cost_and_quantization_quality(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "bench", "--shape",
+                        "tiny-moe-shape", "--layers", "2", "--group-size", "32", "--contexts",
+                        "12", "--gen", "3", "--reps", "1", "--no-peers", "--quality", "--out",
+                        str(out), "--work", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "bench.json").read_text())
+    routing = report["moe_routing"]
+    assert 0 < routing["routing_ms"] and 0 < routing["share"] < 1
+    assert [q["name"] for q in report["quality"]] == [
+        "uniform 3-bit g32", "uniform 4-bit g32", "mixed_4_6 g32", "uniform 8-bit g32"]
+    kl = {q["name"]: q["kl"] for q in report["quality"]}
+    assert kl["uniform 8-bit g32"] < kl["uniform 4-bit g32"] < kl["uniform 3-bit g32"]
+    assert {row["tool"] for row in report["rows"]} == {"qwen-mlx"} and report["ratios"] == {}
