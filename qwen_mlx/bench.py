@@ -24,6 +24,8 @@ from mlx.utils import tree_flatten
 
 from .errors import QwenMLXError
 
+PREFILL_STEP = 2048  # mlx-lm's default prefill chunk; ours runs with the same
+
 # Real widths; `layers` is cut short by default so that CPU runs stay minutes long.
 SHAPES: dict[str, dict] = {
     "qwen3-0.6b-shape": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072,
@@ -50,25 +52,30 @@ SHAPES: dict[str, dict] = {
 
 
 def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None) -> Path:
-    """Write a float16 Hugging Face-layout checkpoint of `shape` with random weights."""
-    from safetensors.numpy import save_file
+    """Write a Hugging Face-layout checkpoint of `shape` with random weights.
 
+    bfloat16, as Qwen publishes its checkpoints: "each tool's defaults" then
+    means what a user of a real Qwen model gets.
+    """
     from .config import ModelConfig
 
     if shape not in SHAPES:
         raise QwenMLXError(f"unknown shape '{shape}'; choose one of: {', '.join(SHAPES)}")
     cfg = dict(SHAPES[shape], rope_theta=1e6, max_position_embeddings=40960,
-               rms_norm_eps=1e-6, torch_dtype="float16")
+               rms_norm_eps=1e-6, torch_dtype="bfloat16")
     if layers:
         cfg["num_hidden_layers"] = layers
     c = ModelConfig.from_dict(cfg)
     rng = np.random.default_rng(0)
 
     def r(*s):
-        return (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16)
+        return mx.array(rng.standard_normal(s, dtype=np.float32) * 0.02).astype(mx.bfloat16)
+
+    def ones(n):
+        return mx.ones((n,), mx.bfloat16)
 
     H, D = c.hidden_size, c.head_dim
-    t = {"model.embed_tokens.weight": r(c.vocab_size, H), "model.norm.weight": np.ones(H, np.float16)}
+    t = {"model.embed_tokens.weight": r(c.vocab_size, H), "model.norm.weight": ones(H)}
     if not c.tie_word_embeddings:
         t["lm_head.weight"] = r(c.vocab_size, H)
     for i in range(c.num_layers):
@@ -77,10 +84,10 @@ def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None) ->
                   p + "self_attn.k_proj.weight": r(c.num_kv_heads * D, H),
                   p + "self_attn.v_proj.weight": r(c.num_kv_heads * D, H),
                   p + "self_attn.o_proj.weight": r(H, c.num_heads * D),
-                  p + "self_attn.q_norm.weight": np.ones(D, np.float16),
-                  p + "self_attn.k_norm.weight": np.ones(D, np.float16),
-                  p + "input_layernorm.weight": np.ones(H, np.float16),
-                  p + "post_attention_layernorm.weight": np.ones(H, np.float16)})
+                  p + "self_attn.q_norm.weight": ones(D),
+                  p + "self_attn.k_norm.weight": ones(D),
+                  p + "input_layernorm.weight": ones(H),
+                  p + "post_attention_layernorm.weight": ones(H)})
         if c.sparse_layers[i]:
             m = c.moe
             t[p + "mlp.gate.weight"] = r(m.num_experts, H)
@@ -94,7 +101,7 @@ def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None) ->
             t[p + "mlp.up_proj.weight"] = r(c.intermediate_size, H)
             t[p + "mlp.down_proj.weight"] = r(H, c.intermediate_size)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(t, folder / "model.safetensors", metadata={"format": "pt"})
+    mx.save_safetensors(str(folder / "model.safetensors"), t, metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg))
     _byte_tokenizer(folder)
     return folder
@@ -165,11 +172,14 @@ class Report:
                          f"{r.decode_tps:.2f} ± {r.decode_spread / 2:.2f} | "
                          f"{r.peak_memory_gb:.2f} | {r.kv_bytes / 2**20:.1f} |")
         if self.ratios:
-            lines += ["", "| context | prefill ratio | decode ratio | TTFT ratio (lower is better) |",
-                      "|---|---|---|---|"]
+            lines += ["", "qwen-mlx / mlx-lm (TTFT and memory: lower is better):", "",
+                      "| context | prefill ratio | decode ratio | TTFT ratio | peak memory ratio |",
+                      "|---|---|---|---|---|"]
             for ctx, q in sorted(self.ratios.items(), key=lambda kv: int(kv[0])):
                 lines.append(f"| {ctx} | {q['prefill']:.2f}x | {q['decode']:.2f}x | "
-                             f"{q['ttft']:.2f}x |")
+                             f"{q['ttft']:.2f}x | {q['peak_memory']:.2f}x |")
+        if self.settings.get("skipped_contexts"):
+            lines += ["", f"Skipped for lack of memory: contexts {self.settings['skipped_contexts']}"]
         if self.multi_turn:
             m = self.multi_turn
             lines += ["", f"Multi-turn TTFT (turn {m['turns']}): {m['reused_ttft']:.2f} s with "
@@ -197,7 +207,8 @@ def machine_info() -> dict:
     info = {"os": platform.platform(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "mlx": mx.__version__,
-            "device": str(mx.default_device())}
+            "device": str(mx.default_device()),
+            "chip": mx.device_info().get("device_name", platform.processor())}
     try:
         info["memory_gb"] = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9, 1)
     except (ValueError, OSError, AttributeError):
@@ -232,7 +243,7 @@ def run_ours(model, tokenizer, prompt: list[int], gen: int) -> Run:
     mx.reset_peak_memory()
     ttft, pre, dec = _timed((r for r in stream_generate(
         model, tokenizer, prompt, max_tokens=gen, temperature=0.0, prompt_cache=cache,
-        prefill_step_size=2048) if r.token is not None), len(prompt))
+        prefill_step_size=PREFILL_STEP) if r.token is not None), len(prompt))
     return Run(len(prompt), ttft, pre, dec, mx.get_peak_memory() / 1e9,
                sum(c.nbytes for c in cache))
 
@@ -277,13 +288,36 @@ def multi_turn_ttft(model, tokenizer, turns: int = 3, words: int = 40) -> dict:
     return {"turns": turns, "reused_ttft": reused, "fresh_ttft": fresh, "speedup": fresh / reused}
 
 
+def context_memory_bytes(model, context: int, step: int = PREFILL_STEP) -> int:
+    """What one run at `context` tokens needs beyond the weights: the KV cache of
+    both tools, and prefill's largest activation (one chunk's attention scores)."""
+    c = model.config
+    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * 4
+    scores = c.num_heads * min(step, context) * context * 4
+    return 2 * kv + scores
+
+
+def available_memory_bytes() -> int | None:
+    """Memory a benchmark may use: Metal's recommended working set, else physical RAM."""
+    info = mx.device_info()
+    if "max_recommended_working_set_size" in info:
+        return int(info["max_recommended_working_set_size"])
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, reps: int = 3,
-              dtype: str | None = "float32", peers: bool = True,
-              progress: Callable[[str], None] = print) -> Report:
+              dtype: str | None = "float32", peers: bool = True, progress: bool = True,
+              log: Callable[[str], None] = print) -> Report:
     """Measure a converted folder with qwen-mlx and, when `peers`, mlx-lm on the same weights.
 
     `dtype`: "float32" compares at equal dtype; None gives each tool its defaults.
+    Contexts that would not fit in memory next to the weights are skipped and named.
     """
+    from huggingface_hub.utils import tqdm
+
     from .loader import load
 
     model, tok = load(folder, dtype=dtype)
@@ -293,7 +327,7 @@ def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, r
         try:
             import mlx_lm
         except ImportError:
-            progress("mlx-lm is not installed: measuring qwen-mlx alone")
+            log("mlx-lm is not installed: measuring qwen-mlx alone")
         else:
             peer_model, peer_tok = mlx_lm.load(str(folder))
             if dtype is not None:
@@ -301,33 +335,51 @@ def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, r
             peer = (peer_model, peer_tok)
     report = Report(machine_info(), label, {"dtype": dtype or "defaults", "gen": gen,
                                             "reps": reps, "contexts": contexts})
+    budget = available_memory_bytes()
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) * (2 if peer else 1)
+    fitting = [c for c in contexts
+               if budget is None or weights + context_memory_bytes(model, c) < 0.8 * budget]
+    if skipped := [c for c in contexts if c not in fitting]:
+        report.settings["skipped_contexts"] = skipped
+        log(f"skipping contexts {skipped}: they need more memory than this machine has "
+            f"({budget / 1e9:.0f} GB)")
     rng = np.random.default_rng(0)
-    for ctx in contexts:
-        prompt = rng.integers(0, min(model.config.vocab_size, 150000), ctx).tolist()
-        ours, theirs = [], []
-        for rep in range(reps):  # alternate, so drift hits both alike
-            progress(f"context {ctx}: repetition {rep + 1}/{reps}")
-            ours.append(run_ours(model, tok, prompt, gen))
+    tools = 2 if peer else 1
+    with tqdm(total=len(fitting) * reps * tools + 2, unit="run", desc="bench",
+              disable=not progress) as bar:
+        for ctx in fitting:
+            prompt = rng.integers(0, min(model.config.vocab_size, 150000), ctx).tolist()
+            ours, theirs = [], []
+            for rep in range(reps):  # alternate, so drift hits both alike
+                bar.set_postfix_str(f"context {ctx} · repetition {rep + 1}/{reps} · qwen-mlx")
+                ours.append(run_ours(model, tok, prompt, gen))
+                bar.update()
+                if peer:
+                    bar.set_postfix_str(f"context {ctx} · repetition {rep + 1}/{reps} · mlx-lm")
+                    theirs.append(run_mlx_lm(*peer, prompt, gen))
+                    bar.update()
+            report.rows.append(_row("qwen-mlx", ctx, ours))
             if peer:
-                theirs.append(run_mlx_lm(*peer, prompt, gen))
-        report.rows.append(_row("qwen-mlx", ctx, ours))
-        if peer:
-            report.rows.append(_row("mlx-lm", ctx, theirs))
-            a, b = report.rows[-2], report.rows[-1]
-            report.ratios[str(ctx)] = {"prefill": a.prefill_tps / b.prefill_tps,
-                                       "decode": a.decode_tps / b.decode_tps,
-                                       "ttft": a.ttft / b.ttft}
-    progress("multi-turn TTFT")
-    report.multi_turn = multi_turn_ttft(model, tok)
-    report.moe_routing = moe_routing_cost(model)
-    progress("memory bandwidth")
-    last = report.rows[0]
-    per_token = decode_weight_bytes(model) + last.kv_bytes
-    bandwidth = measured_bandwidth()
-    achieved = per_token * last.decode_tps / 1e9
-    report.roofline = {"bytes_per_token": per_token, "decode_tps": last.decode_tps,
-                       "achieved_gbps": achieved, "bandwidth_gbps": bandwidth,
-                       "percent": 100 * achieved / bandwidth}
+                report.rows.append(_row("mlx-lm", ctx, theirs))
+                a, b = report.rows[-2], report.rows[-1]
+                report.ratios[str(ctx)] = {"prefill": a.prefill_tps / b.prefill_tps,
+                                           "decode": a.decode_tps / b.decode_tps,
+                                           "ttft": a.ttft / b.ttft,
+                                           "peak_memory": a.peak_memory_gb / b.peak_memory_gb}
+        bar.set_postfix_str("multi-turn TTFT")
+        report.multi_turn = multi_turn_ttft(model, tok)
+        report.moe_routing = moe_routing_cost(model)
+        bar.update()
+        bar.set_postfix_str("memory bandwidth")
+        bandwidth = measured_bandwidth()
+        bar.update()
+    if report.rows:
+        last = report.rows[0]
+        per_token = decode_weight_bytes(model) + last.kv_bytes
+        achieved = per_token * last.decode_tps / 1e9
+        report.roofline = {"bytes_per_token": per_token, "decode_tps": last.decode_tps,
+                           "achieved_gbps": achieved, "bandwidth_gbps": bandwidth,
+                           "percent": 100 * achieved / bandwidth}
     return report
 
 
@@ -375,14 +427,14 @@ def moe_routing_cost(model, reps: int = 20) -> dict:
 
 
 def quantization_quality(source: Path, work: Path, recipes: list[tuple[str, int, int]],
-                         progress: Callable[[str], None] = print) -> list[dict]:
+                         log: Callable[[str], None] = print) -> list[dict]:
     """KL and top-1 agreement against the float source for (recipe, bits, group) choices."""
     from .converter import convert
 
     out = []
     for recipe, bits, group in recipes:
         name = f"{recipe} {bits}-bit g{group}" if recipe == "uniform" else f"{recipe} g{group}"
-        progress(f"quantization quality: {name}")
+        log(f"quantization quality: {name}")
         folder = work / f"{source.name}-quality-{recipe}-{bits}-{group}"
         r = convert(source, folder, quantize=True, bits=bits, group_size=group,
                     recipe=None if recipe == "uniform" else recipe, check=True, force=True,
@@ -393,23 +445,31 @@ def quantization_quality(source: Path, work: Path, recipes: list[tuple[str, int,
 
 
 def plot(report: Report, path: Path) -> bool:
-    """tok/s against context length as a PNG; False when matplotlib is missing."""
+    """Prefill and decode tok/s and peak memory against context length, as a PNG.
+
+    False when matplotlib (the `plots` extra) is missing.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [("prefill_tps", "prefill tok/s"), ("decode_tps", "decode tok/s"),
+              ("peak_memory_gb", "peak memory GB")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 4))
     for tool in sorted({r.tool for r in report.rows}):
-        rows = [r for r in report.rows if r.tool == tool]
-        a.plot([r.context for r in rows], [r.decode_tps for r in rows], marker="o", label=tool)
-        b.plot([r.context for r in rows], [r.peak_memory_gb for r in rows], marker="o",
-               label=tool)
-    a.set(xlabel="context tokens", ylabel="decode tok/s", title=report.model)
-    b.set(xlabel="context tokens", ylabel="peak memory GB")
-    a.legend()
+        rows = sorted((r for r in report.rows if r.tool == tool), key=lambda r: r.context)
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot([r.context for r in rows], [getattr(r, key) for r in rows], marker="o",
+                    label=tool)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set(xlabel="context tokens", ylabel=title, xscale="log")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{report.model} · {report.settings['dtype']} · {report.machine['device']}")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

@@ -272,7 +272,7 @@ def run_bench(args: argparse.Namespace) -> int:
     report = benchmark(folder, label=f"{label}, {args.bits}-bit", contexts=contexts,
                        gen=args.gen, reps=args.reps, dtype=None if args.defaults else "float32",
                        peers=not args.no_peers,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.quality:
         if folder == source:
             raise QwenMLXError("--quality compares against a float model: give a float "
@@ -282,7 +282,7 @@ def run_bench(args: argparse.Namespace) -> int:
         report.quality = quantization_quality(
             source, work, [("uniform", 3, args.group_size), ("uniform", 4, args.group_size),
                            ("mixed_4_6", 4, args.group_size), ("uniform", 8, args.group_size)],
-            progress=lambda m: print(m, file=sys.stderr, flush=True))
+            log=lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(report.to_json())

@@ -88,6 +88,23 @@ def token_bytes_table(tokenizer: Tokenizer) -> TokenBytes:
     return table
 
 
+def _dead_end(pending: bytes) -> bool:
+    """True when held bytes can never complete a character.
+
+    CPython's incremental decoder holds some of these (e.g. ED A1, a surrogate's
+    start) until more bytes come, while a full decode already shows them as
+    U+FFFD; flushing them keeps the stream as early as a full decode.
+    """
+    if len(pending) < 2:
+        return False
+    need = 3 if pending[0] < 0xF0 else 4
+    try:
+        (pending + b"\x80" * (need - len(pending))).decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 class StreamingDetokenizer:
     """Turns token ids into text one at a time, emitting each character once it is complete.
 
@@ -111,6 +128,8 @@ class StreamingDetokenizer:
         if token_id in self._skip or not 0 <= token_id < len(self._table):
             return ""
         text = self._decoder.decode(self._table[token_id])
+        if _dead_end(self._decoder.getstate()[0]):
+            text += self._decoder.decode(b"", final=True)
         if text:
             self._parts.append(text)
         return text

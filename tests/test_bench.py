@@ -31,10 +31,28 @@ def test_bench_harness_on_a_tiny_shape(tmp_path):
         ratio = report["ratios"][str(ctx)]
         assert ratio["decode"] == pytest.approx(ours[ctx]["decode_tps"] / peer[ctx]["decode_tps"])
         assert ratio["prefill"] == pytest.approx(ours[ctx]["prefill_tps"] / peer[ctx]["prefill_tps"])
+        assert ratio["peak_memory"] == pytest.approx(
+            ours[ctx]["peak_memory_gb"] / peer[ctx]["peak_memory_gb"])
     assert report["multi_turn"]["turns"] == 3 and report["multi_turn"]["reused_ttft"] > 0
     assert 0 < report["roofline"]["percent"] and report["roofline"]["bandwidth_gbps"] > 0
     assert "| qwen-mlx | 12 |" in (out / "bench.md").read_text()
     assert "decode ratio" in r.stdout
+    assert "bench:" in r.stderr and "run/s" in r.stderr  # the progress bar
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_contexts_that_do_not_fit_in_memory_are_skipped(tmp_path, monkeypatch):
+    from qwen_mlx import bench
+
+    folder = bench.synthetic_checkpoint(tmp_path / "tiny", "tiny-shape")
+    monkeypatch.setattr(bench, "available_memory_bytes", lambda: 4 * 2**20)
+    # 12 tokens need a few MB beside the weights; 50,000 need ~1 GB of attention scores.
+    report = bench.benchmark(folder, label="tiny", contexts=[12, 50_000], gen=2, reps=1,
+                             peers=False, progress=False, log=lambda m: None)
+    assert [r.context for r in report.rows] == [12]
+    assert report.settings["skipped_contexts"] == [50_000]
+    assert "Skipped for lack of memory: contexts [50000]" in report.markdown()
 
 
 def test_bench_rejects_bad_options(tmp_path):

@@ -248,6 +248,17 @@ def _is_utf8(b: bytes) -> bool:
         return False
 
 
+def test_bytes_that_cannot_complete_a_character_show_at_once(qwen3, table):
+    # 169 is byte ED, 94 byte A1: ED A1 starts a UTF-16 surrogate, which UTF-8 forbids.
+    # CPython's incremental decoder would hold both bytes; a full decode shows two U+FFFD.
+    assert table[169] == b"\xed" and table[94] == b"\xa1"
+    ids = [169, 94, 94, 169]
+    chunks = stream(table, ids)
+    assert chunks[:2] == ["", "\ufffd\ufffd"]
+    check_as_soon_as_possible(qwen3, ids, chunks, True)
+    assert "".join(chunks) == qwen3.decode(ids)
+
+
 @settings(max_examples=400, deadline=None)
 @given(data=st.data(), skip_special=st.booleans())
 def test_any_ids_stream_like_full_decode(qwen3, table, id_pools, data, skip_special):
