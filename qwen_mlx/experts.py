@@ -11,6 +11,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import parallel
+
 # Below this many (token, expert) pairs the gather is cheap enough unsorted;
 # above it, sorting by expert lets each expert's weights be read once.
 SORT_THRESHOLD = 64
@@ -66,14 +68,29 @@ class SwitchGLU(nn.Module):
         """x [..., H], indices [..., k] -> each chosen expert's output [..., k, H]."""
         k = indices.shape[-1]
         x = mx.expand_dims(x, (-2, -3))
-        do_sort = indices.size >= SORT_THRESHOLD
-        idx = indices
-        if do_sort:
+        if indices.size >= SORT_THRESHOLD:
             flat = indices.flatten()
             order = mx.argsort(flat)
             x, idx = x.flatten(0, -3)[order // k], flat[order]
-        h = nn.silu(self.gate_proj(x, idx, do_sort)) * self.up_proj(x, idx, do_sort)
-        y = self.down_proj(h, idx, do_sort)
-        if do_sort:
+            # Sorted (token, expert) pairs split into runs of whole experts' work per core.
+            y = parallel.split(idx.size, self._work(idx.size),
+                               lambda s: self._experts(x[s], idx[s], True), axis=0)
+            if y is None:
+                y = self._experts(x, idx, True)
             y = mx.unflatten(y[mx.argsort(order)], 0, indices.shape)
+        else:
+            # Decoding: each core runs some of the token's k experts.
+            y = parallel.split(k, self._work(indices.size),
+                               lambda s: self._experts(x, indices[..., s], False), axis=-3)
+            if y is None:
+                y = self._experts(x, indices, False)
         return y.squeeze(-2)
+
+    def _experts(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        h = nn.silu(self.gate_proj(x, idx, sorted_indices)) * self.up_proj(x, idx, sorted_indices)
+        return self.down_proj(h, idx, sorted_indices)
+
+    def _work(self, pairs: int) -> int:
+        """Weights the chosen experts hold: decides whether splitting across cores pays."""
+        intermediate, hidden = self.gate_proj["weight"].shape[1], self.down_proj["weight"].shape[1]
+        return pairs * 3 * intermediate * hidden

@@ -16,6 +16,7 @@ import mlx.nn as nn
 from .cache import attention_mask, make_cache
 from .config import ModelConfig
 from .experts import SwitchGLU
+from .parallel import Embedding, Linear
 from .rope import RotaryEmbedding
 
 
@@ -26,10 +27,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.rotary_dim = c.rotary_dim
         self.window = window
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
             self.q_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps)
             self.k_norm = nn.RMSNorm(c.head_dim, eps=c.rms_norm_eps)
@@ -60,9 +61,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -75,11 +76,11 @@ class SparseMoE(nn.Module):
         super().__init__()
         moe = config.moe
         self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, moe.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(config.hidden_size, moe.intermediate_size, moe.num_experts)
         if moe.shared_intermediate_size:
             self.shared_expert = MLP(config.hidden_size, moe.shared_intermediate_size)
-            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
         self.has_shared = bool(moe.shared_intermediate_size)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -118,7 +119,7 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config, i) for i in range(config.num_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -144,7 +145,7 @@ class Model(nn.Module):
         self.config = config
         self.model = DecoderStack(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.max_context = config.native_context  # generation stops here
         # YaRN multiplies cos and sin by its attention factor f, which scales
