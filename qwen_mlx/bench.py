@@ -463,8 +463,11 @@ def plot(report: Report, path: Path) -> bool:
         for ax, (key, _) in zip(axes, panels):
             ax.plot([r.context for r in rows], [getattr(r, key) for r in rows], marker="o",
                     label=tool)
+    contexts = sorted({r.context for r in report.rows})
     for ax, (_, title) in zip(axes, panels):
         ax.set(xlabel="context tokens", ylabel=title, xscale="log")
+        ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
+        ax.minorticks_off()
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend()

@@ -16,6 +16,7 @@ import mlx.nn as nn
 from .cache import attention_mask, make_cache
 from .config import ModelConfig
 from .experts import SwitchGLU
+from . import parallel
 from .parallel import Embedding, Linear
 from .rope import RotaryEmbedding
 
@@ -52,8 +53,20 @@ class Attention(nn.Module):
             k, v, mask = cache.update(k, v)
         else:
             mask = attention_mask(L, self.window)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=positions.softmax_scale, mask=mask)
+        out = self._attend(q, k, v, positions.softmax_scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+    def _attend(self, q, k, v, scale, mask):
+        def heads(kv: slice) -> mx.array:
+            group = self.num_heads // self.num_kv_heads
+            qs = slice(kv.start * group, kv.stop * group)
+            return mx.fast.scaled_dot_product_attention(q[:, qs], k[:, kv], v[:, kv],
+                                                        scale=scale, mask=mask)
+        # On the CPU, groups of KV heads attend on separate cores.
+        work = q.shape[2] * k.shape[2] * q.shape[1] * q.shape[3]
+        y = parallel.split(self.num_kv_heads, work, heads, axis=1)
+        return heads(slice(0, self.num_kv_heads)) if y is None else y
 
 
 class MLP(nn.Module):
