@@ -279,10 +279,12 @@ def run_bench(args: argparse.Namespace) -> int:
                                "checkpoint or --shape, not an already quantized folder")
         from .bench import quantization_quality
 
+        g = args.group_size
+        # Bits and recipes at the chosen group size; 4 bits at every group size.
+        choices = [("uniform", 3, g), *(("uniform", 4, size) for size in sorted({32, 64, 128, g})),
+                   ("mixed_4_6", 4, g), ("uniform", 8, g)]
         report.quality = quantization_quality(
-            source, work, [("uniform", 3, args.group_size), ("uniform", 4, args.group_size),
-                           ("mixed_4_6", 4, args.group_size), ("uniform", 8, args.group_size)],
-            log=lambda m: print(m, file=sys.stderr, flush=True))
+            source, work, choices, log=lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(report.to_json())
@@ -317,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from .parallel import cpu_count
+
+        cpu_count()  # a bad QWEN_MLX_THREADS fails here, before a model loads
         return {"bench": run_bench, "chat": run_chat, "convert": run_convert,
                 "generate": run_generate, "info": _info}[args.command](args)
     except QwenMLXError as e:

@@ -1,14 +1,15 @@
-"""Linear layers that use every CPU core.
+"""Matmuls that use every CPU core.
 
-MLX's CPU backend runs one matmul on one thread, so on mlx[cpu] a decode
-step would keep a single core busy while the others idle. Each CPU stream
-runs on its own thread, so these layers split a matmul's output rows into
-one slice per core, compute the slices on separate streams at once and join
-them. Every output element is the same dot product as before, so results do
-not change. On Metal and CUDA one kernel already fills the device; there the
-layers are exactly mlx's.
+MLX's CPU backend runs one matmul on one thread, so on mlx[cpu] a forward
+pass would keep a single core busy while the others idle. Each CPU stream
+runs on its own thread, so the layers here (and attention's KV-head groups
+and the MoE experts, through `split`) divide a matmul's output into one
+share per core, compute the shares on separate streams at once and join
+them. Every output element is the same dot product as before. On Metal and
+CUDA one kernel already fills the device; there nothing is split.
 
 The classes keep mlx.nn's parameter names, so checkpoints are unchanged.
+`QWEN_MLX_THREADS=N` sets the number of cores used (1 turns splitting off).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import QwenMLXError
+
 # Below this many weights per matmul, handing work to other threads costs
 # more than it saves (a 4-bit 512x1024 decode matmul still gains: 0.43 -> 0.32 ms).
 MIN_PARALLEL_WEIGHTS = 256 * 1024
@@ -28,25 +31,35 @@ MAX_STREAMS = 8
 # (1024x1024, 512 rows: 133 vs 184 ms).
 DEQUANTIZE_ROWS = 256
 
-_streams: list[mx.Stream] | None = None
+_streams: list | None = None
 
 
 def cpu_count() -> int:
-    """Cores this process may run on (a container's limit, not the host's)."""
+    """QWEN_MLX_THREADS, else the cores this process may run on (a container's
+    limit, not the host's)."""
+    if (wanted := os.environ.get("QWEN_MLX_THREADS")) is not None:
+        if not wanted.strip().isdigit() or int(wanted) < 1:
+            raise QwenMLXError(f"QWEN_MLX_THREADS={wanted!r}: give a whole number of CPU "
+                               "threads, such as 4 (1 uses a single core)")
+        return int(wanted)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
 
 
-def cpu_streams() -> list[mx.Stream]:
-    """One CPU stream per core when the default device is the CPU; else none."""
+def cpu_streams() -> list:
+    """One CPU stream per core when the default device is the CPU; else none.
+
+    Thread-local streams: an MLX stream only runs on the thread that made it,
+    and callers (the chat UI, a server) may generate on any thread.
+    """
     global _streams
     if mx.default_device() != mx.cpu:
         return []
     if _streams is None:
         n = min(cpu_count(), MAX_STREAMS)
-        _streams = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else []
+        _streams = [mx.new_thread_local_stream(mx.cpu) for _ in range(n)] if n > 1 else []
     return _streams
 
 

@@ -31,12 +31,13 @@ def test_bench_harness_on_a_tiny_shape(tmp_path):
         ratio = report["ratios"][str(ctx)]
         assert ratio["decode"] == pytest.approx(ours[ctx]["decode_tps"] / peer[ctx]["decode_tps"])
         assert ratio["prefill"] == pytest.approx(ours[ctx]["prefill_tps"] / peer[ctx]["prefill_tps"])
-        assert ratio["peak_memory"] == pytest.approx(
-            ours[ctx]["peak_memory_gb"] / peer[ctx]["peak_memory_gb"])
+        assert ratio["ttft_speedup"] == pytest.approx(peer[ctx]["ttft"] / ours[ctx]["ttft"])
+        assert ratio["peak_memory_saving"] == pytest.approx(
+            peer[ctx]["peak_memory_gb"] / ours[ctx]["peak_memory_gb"])
     assert report["multi_turn"]["turns"] == 3 and report["multi_turn"]["reused_ttft"] > 0
     assert 0 < report["roofline"]["percent"] and report["roofline"]["bandwidth_gbps"] > 0
     assert "| qwen-mlx | 12 |" in (out / "bench.md").read_text()
-    assert "decode ratio" in r.stdout
+    assert "| 12 | " in r.stdout and "TTFT (speed-up)" in r.stdout
     assert "bench:" in r.stderr and "run/s" in r.stderr  # the progress bar
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -76,7 +77,8 @@ def test_moe_routing_cost_and_quantization_quality(tmp_path):
     routing = report["moe_routing"]
     assert 0 < routing["routing_ms"] and 0 < routing["share"] < 1
     assert [q["name"] for q in report["quality"]] == [
-        "uniform 3-bit g32", "uniform 4-bit g32", "mixed_4_6 g32", "uniform 8-bit g32"]
+        "uniform 3-bit g32", "uniform 4-bit g32", "uniform 4-bit g64", "uniform 4-bit g128",
+        "mixed_4_6 g32", "uniform 8-bit g32"]
     kl = {q["name"]: q["kl"] for q in report["quality"]}
     assert kl["uniform 8-bit g32"] < kl["uniform 4-bit g32"] < kl["uniform 3-bit g32"]
     assert {row["tool"] for row in report["rows"]} == {"qwen-mlx"} and report["ratios"] == {}

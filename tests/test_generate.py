@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -239,6 +240,11 @@ def test_cli_generate(qwen3, tmp_path):
     binary = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", "-m", str(folder)],
                             input=b"\xff\xfe not utf-8", capture_output=True, timeout=300)
     assert binary.returncode == 2 and b"not valid UTF-8" in binary.stderr
+    threads = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", "-m", str(folder),
+                              "hi"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "QWEN_MLX_THREADS": "many"})
+    assert threads.returncode == 2 and "QWEN_MLX_THREADS='many'" in threads.stderr
+    assert "Traceback" not in threads.stderr
 
 
 def test_cancel_during_a_long_prefill_and_a_failed_turn_adds_nothing(qwen3):

@@ -19,7 +19,8 @@ from conftest import build_checkpoint, hf_incremental_logits, mlx_incremental_lo
 @pytest.fixture
 def split_everything(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_WEIGHTS", 0)
-    monkeypatch.setattr(parallel, "_streams", [mx.new_stream(mx.cpu) for _ in range(2)])
+    monkeypatch.setattr(parallel, "_streams", [mx.new_thread_local_stream(mx.cpu)
+                                               for _ in range(2)])
     calls = []
     real = parallel.split
 
@@ -70,6 +71,39 @@ def test_split_quantized_model_matches_the_unsplit_one(tmp_path, monkeypatch, sp
 
 def test_no_split_with_one_core(monkeypatch):
     monkeypatch.setattr(parallel, "_streams", None)
-    monkeypatch.setattr(parallel, "cpu_count", lambda: 1)
+    monkeypatch.setenv("QWEN_MLX_THREADS", "1")
     assert parallel.cpu_streams() == []
     assert parallel.split(8, 1 << 30, lambda s: mx.zeros((1,))) is None
+    monkeypatch.setattr(parallel, "_streams", None)
+    monkeypatch.setenv("QWEN_MLX_THREADS", "3")
+    assert len(parallel.cpu_streams()) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "four", "-2", ""])
+def test_a_bad_thread_count_is_named(monkeypatch, value):
+    monkeypatch.setenv("QWEN_MLX_THREADS", value)
+    with pytest.raises(qwen_mlx.QwenMLXError, match="QWEN_MLX_THREADS"):
+        parallel.cpu_count()
+
+
+def test_split_runs_on_any_thread(split_everything):
+    """Generation threads come and go (one per chat turn): streams must follow them."""
+    import threading
+
+    lin = parallel.Linear(64, 96, bias=True)
+    x = mx.random.normal((1, 3, 64))
+    mx.eval(lin.parameters(), x)
+    expected = np.array(x @ lin.weight.T + lin.bias)
+    results = []
+
+    def turn():
+        results.append(np.array(lin(x)))
+
+    for _ in range(3):
+        t = threading.Thread(target=turn)
+        t.start()
+        t.join()
+    results.append(np.array(lin(x)))
+    assert len(results) == 4 and all(split_everything)
+    for r in results:
+        assert np.abs(r - expected).max() < 1e-5

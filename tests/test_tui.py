@@ -133,6 +133,24 @@ async def test_send_shows_the_streamed_reply_and_saves_the_chat(tiny, tmp_path):
         assert saved["meta"][-1]["stats"]["generation_tokens"] >= 1
 
 
+class ThreadRecordingSession(ChatSession):
+    threads: list[int] = []
+
+    def respond(self, **options):
+        type(self).threads.append(threading.get_ident())
+        yield from super().respond(**options)
+
+
+async def test_every_turn_runs_on_the_apps_one_mlx_thread(tiny, tmp_path):
+    # MLX keeps each thread's streams for good: a thread per turn would pile them up.
+    app = make_app(tiny, tmp_path, session_factory=ThreadRecordingSession)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "one")
+        await send(pilot, "two")
+        assert len(ThreadRecordingSession.threads) == 2
+        assert set(ThreadRecordingSession.threads) == {app.mlx.ident}
+
+
 class GatedSession(ChatSession):
     """A real ChatSession that pauses after its first streamed response until released,
     so the test can press Esc while the reply is mid-stream."""

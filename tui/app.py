@@ -18,6 +18,7 @@ from textual.binding import Binding
 from qwen_mlx.generation import ChatSession
 from qwen_mlx.loader import load
 
+from .mlx_thread import MLXThread
 from .paths import resolve_data_dir
 from .screens.chat import ChatScreen
 from .settings import Settings
@@ -69,6 +70,7 @@ class ChatApp(App[None]):
         self.clock, self.flush_interval = clock, flush_interval
         self.session_factory = session_factory
         self._chat_id = chat_id
+        self.mlx = MLXThread()  # loads and turns run here, never on Textual's workers
 
     def get_default_screen(self) -> ChatScreen:
         return ChatScreen()
@@ -103,7 +105,7 @@ class ChatApp(App[None]):
         """Load (or reload) the model with the current long-context settings."""
         options = self.settings.model_options()
         try:
-            model, tokenizer = load(self.model_path, **options)
+            model, tokenizer = self.mlx.run(load, self.model_path, **options)
             if tokenizer is None:
                 raise ValueError(f"{self.model_path} has no tokenizer.json; convert it with "
                                  "`qwen-mlx convert`")

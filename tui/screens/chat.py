@@ -338,9 +338,10 @@ class ChatScreen(Screen):
 
     @work(thread=True, group="turn", exit_on_error=False)
     def _run_turn(self, request: TurnRequest, session: Any, cancel: threading.Event) -> None:
-        """The generation thread (see tui.turns); it reports through post_message only."""
-        run_turn(request, session, cancel, post=self.post_message, clock=self.app.clock,
-                 interval=self.app.flush_interval)
+        """Waits for the turn on the app's MLX thread (see tui.turns and tui.mlx_thread);
+        the turn reports through post_message only."""
+        self.app.mlx.run(run_turn, request, session, cancel, post=self.post_message,
+                         clock=self.app.clock, interval=self.app.flush_interval)
 
     async def on_turn_trimmed(self, message: TurnTrimmed) -> None:
         if message.turn != self.turn:
