@@ -30,6 +30,9 @@ MAX_STREAMS = 8
 # dequantizing a weight slice and using its float matmul than with quantized_matmul
 # (1024x1024, 512 rows: 133 vs 184 ms).
 DEQUANTIZE_ROWS = 256
+# ... up to this many weights per slice: the float copy is transient, but a whole
+# vocabulary head's would be hundreds of MB.
+DEQUANTIZE_MAX = 32 * 1024 * 1024
 
 _streams: list | None = None
 
@@ -82,7 +85,7 @@ def split(count: int, weights: int, fn: Callable[[slice], mx.array],
 def _quantized(x: mx.array, layer, rows: slice) -> mx.array:
     w, scales, biases = layer["weight"][rows], layer["scales"][rows], layer.get("biases")
     biases = None if biases is None else biases[rows]
-    if x.size // x.shape[-1] >= DEQUANTIZE_ROWS:
+    if x.size // x.shape[-1] >= DEQUANTIZE_ROWS and w.size * 32 // layer.bits <= DEQUANTIZE_MAX:
         return x @ mx.dequantize(w, scales, biases, layer.group_size, layer.bits,
                                  mode=layer.mode).astype(x.dtype).T
     return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True,
