@@ -32,6 +32,10 @@ SHAPES: dict[str, dict] = {
                              num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                              vocab_size=151936, tie_word_embeddings=True,
                              num_hidden_layers=28),
+    "qwen3-1.7b-shape": dict(model_type="qwen3", hidden_size=2048, intermediate_size=6144,
+                             num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                             vocab_size=151936, tie_word_embeddings=True,
+                             num_hidden_layers=28),
     "qwen3-30b-a3b-shape-small": dict(model_type="qwen3_moe", hidden_size=2048,
                                       intermediate_size=6144, moe_intermediate_size=768,
                                       num_experts=128, num_experts_per_tok=8,
@@ -51,8 +55,10 @@ SHAPES: dict[str, dict] = {
 }
 
 
-def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None) -> Path:
-    """Write a Hugging Face-layout checkpoint of `shape` with random weights.
+def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None,
+                         shards: int = 1) -> Path:
+    """Write a Hugging Face-layout checkpoint of `shape` with random weights, in
+    `shards` safetensors files (with an index when more than one).
 
     bfloat16, as Qwen publishes its checkpoints: "each tool's defaults" then
     means what a user of a real Qwen model gets.
@@ -101,7 +107,24 @@ def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None) ->
             t[p + "mlp.up_proj.weight"] = r(c.intermediate_size, H)
             t[p + "mlp.down_proj.weight"] = r(H, c.intermediate_size)
     folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / "model.safetensors"), t, metadata={"format": "pt"})
+    if shards == 1:
+        mx.save_safetensors(str(folder / "model.safetensors"), t, metadata={"format": "pt"})
+    else:
+        # Fill shards in order up to an equal share of the bytes, as transformers does.
+        share = sum(v.nbytes for v in t.values()) / shards
+        parts: list[dict] = [{}]
+        for n, v in t.items():
+            if parts[-1] and sum(x.nbytes for x in parts[-1].values()) + v.nbytes > share \
+                    and len(parts) < shards:
+                parts.append({})
+            parts[-1][n] = v
+        weight_map = {}
+        for k, part in enumerate(parts):
+            name = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+            mx.save_safetensors(str(folder / name), part, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(cfg))
     _byte_tokenizer(folder)
     return folder
