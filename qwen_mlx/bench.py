@@ -195,12 +195,18 @@ class Report:
                          f"{r.decode_tps:.2f} ± {r.decode_spread / 2:.2f} | "
                          f"{r.peak_memory_gb:.2f} | {r.kv_bytes / 2**20:.1f} |")
         if self.ratios:
-            lines += ["", "qwen-mlx against mlx-lm (above 1: qwen-mlx is better):", "",
+            lines += ["", "qwen-mlx against mlx-lm (above 1: qwen-mlx is better; ratio of the "
+                      "medians, then the lowest and highest of the alternating pairs):", "",
                       "| context | prefill tok/s | decode tok/s | TTFT (speed-up) | "
                       "peak memory (saving) |", "|---|---|---|---|---|"]
+            def cell(q, key):
+                lo, hi = q.get(f"{key}_range", (None, None))
+                spread = f" ({lo:.2f}-{hi:.2f})" if lo is not None and hi != lo else ""
+                return f"{q[key]:.2f}x{spread}"
+
             for ctx, q in sorted(self.ratios.items(), key=lambda kv: int(kv[0])):
-                lines.append(f"| {ctx} | {q['prefill']:.2f}x | {q['decode']:.2f}x | "
-                             f"{q['ttft_speedup']:.2f}x | {q['peak_memory_saving']:.2f}x |")
+                lines.append(f"| {ctx} | {cell(q, 'prefill')} | {cell(q, 'decode')} | "
+                             f"{cell(q, 'ttft_speedup')} | {q['peak_memory_saving']:.2f}x |")
         if self.settings.get("skipped_contexts"):
             lines += ["", f"Skipped for lack of memory: contexts {self.settings['skipped_contexts']}"]
         if self.multi_turn:
@@ -299,12 +305,20 @@ def run_mlx_lm(model, tokenizer, prompt: list[int], gen: int) -> Run:
                sum(c.nbytes for c in cache))
 
 
-def ratios(ours: Row, theirs: Row) -> dict:
-    """qwen-mlx against mlx-lm, each oriented so that above 1 means qwen-mlx is better."""
-    return {"prefill": ours.prefill_tps / theirs.prefill_tps,
-            "decode": ours.decode_tps / theirs.decode_tps,
-            "ttft_speedup": theirs.ttft / ours.ttft,
-            "peak_memory_saving": theirs.peak_memory_gb / ours.peak_memory_gb}
+def ratios(ours: Row, theirs: Row, pairs: list[tuple[Run, Run]] = ()) -> dict:
+    """qwen-mlx against mlx-lm, each oriented so that above 1 means qwen-mlx is better:
+    ratios of the medians and, from each alternating pair of runs, their spread."""
+    out = {"prefill": ours.prefill_tps / theirs.prefill_tps,
+           "decode": ours.decode_tps / theirs.decode_tps,
+           "ttft_speedup": theirs.ttft / ours.ttft,
+           "peak_memory_saving": theirs.peak_memory_gb / ours.peak_memory_gb}
+    if pairs:
+        for key, of in (("prefill", lambda a, b: a.prefill_tps / b.prefill_tps),
+                        ("decode", lambda a, b: a.decode_tps / b.decode_tps),
+                        ("ttft_speedup", lambda a, b: b.ttft / a.ttft)):
+            each = [of(a, b) for a, b in pairs]
+            out[f"{key}_range"] = [min(each), max(each)]
+    return out
 
 
 def _row(tool: str, context: int, runs: list[Run]) -> Row:
@@ -406,7 +420,7 @@ def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, r
             report.rows.append(_row("qwen-mlx", ctx, ours))
             if peer:
                 report.rows.append(_row("mlx-lm", ctx, theirs))
-                report.ratios[str(ctx)] = ratios(*report.rows[-2:])
+                report.ratios[str(ctx)] = ratios(*report.rows[-2:], list(zip(ours, theirs)))
         bar.set_postfix_str("multi-turn TTFT")
         report.multi_turn = multi_turn_ttft(model, tok)
         report.moe_routing = moe_routing_cost(model)

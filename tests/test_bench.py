@@ -32,6 +32,8 @@ def test_bench_harness_on_a_tiny_shape(tmp_path):
         assert ratio["decode"] == pytest.approx(ours[ctx]["decode_tps"] / peer[ctx]["decode_tps"])
         assert ratio["prefill"] == pytest.approx(ours[ctx]["prefill_tps"] / peer[ctx]["prefill_tps"])
         assert ratio["ttft_speedup"] == pytest.approx(peer[ctx]["ttft"] / ours[ctx]["ttft"])
+        low, high = ratio["decode_range"]  # one repetition: one pair
+        assert low == high == pytest.approx(ratio["decode"])
         assert ratio["peak_memory_saving"] == pytest.approx(
             peer[ctx]["peak_memory_gb"] / ours[ctx]["peak_memory_gb"])
     assert report["multi_turn"]["turns"] == 3 and report["multi_turn"]["reused_ttft"] > 0
@@ -82,3 +84,17 @@ def test_moe_routing_cost_and_quantization_quality(tmp_path):
     kl = {q["name"]: q["kl"] for q in report["quality"]}
     assert kl["uniform 8-bit g32"] < kl["uniform 4-bit g32"] < kl["uniform 3-bit g32"]
     assert {row["tool"] for row in report["rows"]} == {"qwen-mlx"} and report["ratios"] == {}
+
+
+def test_ratios_above_one_favour_qwen_mlx_and_pairs_give_the_spread():
+    from qwen_mlx.bench import Run, _row, ratios
+
+    ours = [Run(100, 2.0, 50.0, 10.0, 1.0, 8), Run(100, 2.5, 40.0, 12.0, 1.0, 8)]
+    theirs = [Run(100, 4.0, 25.0, 5.0, 1.2, 8), Run(100, 4.0, 25.0, 8.0, 1.1, 8)]
+    a, b = _row("qwen-mlx", 100, ours), _row("mlx-lm", 100, theirs)
+    q = ratios(a, b, list(zip(ours, theirs)))
+    assert q["decode"] == pytest.approx(11.0 / 6.5) and q["ttft_speedup"] == pytest.approx(4 / 2.25)
+    assert q["peak_memory_saving"] == pytest.approx(1.2)
+    assert q["decode_range"] == pytest.approx([1.5, 2.0])
+    assert q["prefill_range"] == pytest.approx([1.6, 2.0])
+    assert q["ttft_speedup_range"] == pytest.approx([1.6, 2.0])
