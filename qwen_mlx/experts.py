@@ -72,7 +72,7 @@ class SwitchGLU(nn.Module):
             flat = indices.flatten()
             order = mx.argsort(flat)
             x, idx = x.flatten(0, -3)[order // k], flat[order]
-            # Sorted (token, expert) pairs split into runs of whole experts' work per core.
+            # Each core takes a contiguous run of the sorted pairs, so mostly its own experts.
             y = parallel.split(idx.size, self._work(idx.size),
                                lambda s: self._experts(x[s], idx[s], True), axis=0)
             if y is None:

@@ -15,8 +15,8 @@ import mlx.nn as nn
 
 from .cache import attention_mask, make_cache
 from .config import ModelConfig
-from .experts import SwitchGLU
 from . import parallel
+from .experts import SwitchGLU
 from .parallel import Embedding, Linear
 from .rope import RotaryEmbedding
 
@@ -56,14 +56,13 @@ class Attention(nn.Module):
         out = self._attend(q, k, v, positions.softmax_scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-
-    def _attend(self, q, k, v, scale, mask):
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+        """SDPA over [B, heads, L, D]; on the CPU, groups of KV heads attend on separate cores."""
         def heads(kv: slice) -> mx.array:
             group = self.num_heads // self.num_kv_heads
             qs = slice(kv.start * group, kv.stop * group)
             return mx.fast.scaled_dot_product_attention(q[:, qs], k[:, kv], v[:, kv],
                                                         scale=scale, mask=mask)
-        # On the CPU, groups of KV heads attend on separate cores.
         work = q.shape[2] * k.shape[2] * q.shape[1] * q.shape[3]
         y = parallel.split(self.num_kv_heads, work, heads, axis=1)
         return heads(slice(0, self.num_kv_heads)) if y is None else y
