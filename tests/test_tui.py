@@ -133,6 +133,24 @@ async def test_send_shows_the_streamed_reply_and_saves_the_chat(tiny, tmp_path):
         assert saved["meta"][-1]["stats"]["generation_tokens"] >= 1
 
 
+def test_streamed_progress_carries_the_growing_kv_cache(tiny):
+    from tui.context import kv_cache_bytes
+    from tui.settings import Settings
+    from tui.streaming import TurnDone, TurnProgress
+    from tui.turns import TurnRequest, run_turn
+
+    _, model, tokenizer = tiny
+    session = ChatSession(model, tokenizer)
+    posted = []
+    request = TurnRequest("send", 1, Settings(temperature=0.0, max_tokens=8), "hello")
+    run_turn(request, session, threading.Event(), post=posted.append, clock=time.monotonic,
+             interval=0)
+    kv = [m.kv_bytes for m in posted if isinstance(m, TurnProgress)]
+    assert kv and kv[0] > 0 and kv == sorted(kv)
+    done = posted[-1]
+    assert isinstance(done, TurnDone) and kv[-1] == done.kv_bytes == kv_cache_bytes(session.cache)
+
+
 class ThreadRecordingSession(ChatSession):
     threads: list[int] = []
 

@@ -33,9 +33,10 @@ class TurnProgress(Message):
     """A batch of streamed text, [(phase, text)], with the latest statistics."""
 
     def __init__(self, turn: int, pieces: list[tuple[str, str]], stats: TurnStats | None,
-                 thinking: ThinkingInfo | None) -> None:
+                 thinking: ThinkingInfo | None, kv_bytes: int | None = None) -> None:
         super().__init__()
         self.turn, self.pieces, self.stats, self.thinking = turn, pieces, stats, thinking
+        self.kv_bytes = kv_bytes  # the KV cache as it grows; None when not known
 
 
 class TurnTrimmed(Message):
@@ -67,8 +68,10 @@ class TurnStreamer:
     """
 
     def __init__(self, post: Callable[[Message], Any], *, turn: int,
-                 clock: Callable[[], float] = time.monotonic, interval: float = 0.05):
+                 clock: Callable[[], float] = time.monotonic, interval: float = 0.05,
+                 kv_bytes: Callable[[], int] | None = None):
         self.post, self.turn, self.clock, self.interval = post, turn, clock, interval
+        self.kv_bytes = kv_bytes
         self.pending: list[tuple[str, str]] = []
         self.last: Any = None
         self.thinking_tokens = 0
@@ -102,7 +105,8 @@ class TurnStreamer:
             return
         pieces, self.pending, self._dirty = self.pending, [], False
         self._posted_at = time.monotonic()
-        self.post(TurnProgress(self.turn, pieces, self.stats(), self.thinking()))
+        kv = self.kv_bytes() if self.kv_bytes is not None else None
+        self.post(TurnProgress(self.turn, pieces, self.stats(), self.thinking(), kv))
 
     def stats(self) -> TurnStats | None:
         return TurnStats.from_response(self.last) if self.last is not None else None

@@ -42,7 +42,8 @@ def run_turn(request: TurnRequest, session: Any, cancel: threading.Event, *,
              interval: float) -> None:
     """Trim to fit, stream the reply through a TurnStreamer, then post TurnDone."""
     settings = request.settings
-    streamer = TurnStreamer(post, turn=request.turn, clock=clock, interval=interval)
+    streamer = TurnStreamer(post, turn=request.turn, clock=clock, interval=interval,
+                            kv_bytes=lambda: kv_cache_bytes(session.cache))
     before = session.messages[-1] if session.messages else None
     error = None
     try:

@@ -368,7 +368,7 @@ class ChatScreen(Screen):
         await self.reply.add(message.pieces, message.thinking)
         if message.stats is not None:
             self.query_one(StatsBar).show(message.stats, prefix="▶ ")
-            self._show_context(used=message.stats.context_tokens)
+            self._show_context(used=message.stats.context_tokens, kv=message.kv_bytes)
 
     async def on_turn_done(self, message: TurnDone) -> None:
         if message.turn != self.turn:
