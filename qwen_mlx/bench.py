@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from .errors import QwenMLXError
 
-PREFILL_STEP = 2048  # mlx-lm's default prefill chunk; ours runs with the same
+PREFILL_STEP = 2048  # mlx-lm's default prefill chunk; both tools run with it here
 
 # Real widths; `layers` is cut short by default so that CPU runs stay minutes long.
 SHAPES: dict[str, dict] = {
@@ -259,7 +259,7 @@ def measured_bandwidth(mb: int = 256) -> float:
     mx.eval(a)
 
     def read():
-        parts = split(a.size, 1 << 62, lambda s: a[s].sum(keepdims=True), axis=0)
+        parts = split(a.size, 1 << 62, lambda s: a[s].sum(keepdims=True), axis=0)  # always
         return a.sum() if parts is None else parts
 
     mx.eval(read())

@@ -13,9 +13,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import parallel
 from .cache import attention_mask, make_cache
 from .config import ModelConfig
-from . import parallel
 from .experts import SwitchGLU
 from .parallel import Embedding, Linear
 from .rope import RotaryEmbedding
