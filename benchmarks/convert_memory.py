@@ -30,6 +30,12 @@ else:
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t)
 """
 
+BUILD_SOURCE = r"""
+import pathlib, sys
+from qwen_mlx.bench import synthetic_checkpoint
+synthetic_checkpoint(pathlib.Path(sys.argv[1]), "qwen3-1.7b-shape", layers=8, shards=4)
+"""
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,9 +45,7 @@ def main() -> None:
     src = args.source or args.work / "source"
     if args.source is None and not (src / "config.json").exists():
         # In a child process: a child's peak RSS starts from its parent's at fork.
-        subprocess.run([sys.executable, "-c", "import sys; from qwen_mlx.bench import "
-                        "synthetic_checkpoint as s; s(__import__('pathlib').Path(sys.argv[1]), "
-                        "'qwen3-1.7b-shape', layers=8, shards=4)", str(src)], check=True)
+        subprocess.run([sys.executable, "-c", BUILD_SOURCE, str(src)], check=True)
     shards = sorted(src.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards)
     print(f"source {total / 2**20:.0f} MB in {len(shards)} shards, "
