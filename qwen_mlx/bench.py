@@ -63,7 +63,7 @@ def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None,
     bfloat16, as Qwen publishes its checkpoints: "each tool's defaults" then
     means what a user of a real Qwen model gets.
     """
-    from .config import ModelConfig
+    from .model.config import ModelConfig
 
     if shape not in SHAPES:
         raise QwenMLXError(f"unknown shape '{shape}'; choose one of: {', '.join(SHAPES)}")
@@ -253,7 +253,7 @@ def measured_bandwidth(mb: int = 256) -> float:
     its page faults, not the memory, would set the figure (it swung from 4 to
     38 GB/s with the allocator's state).
     """
-    from .parallel import split
+    from .model.parallel import split
 
     a = mx.random.uniform(shape=(mb * 2**20 // 4,))
     mx.eval(a)
@@ -280,7 +280,7 @@ def _timed(stream, prompt_tokens: int) -> tuple[float, float, float]:
 
 
 def run_ours(model, tokenizer, prompt: list[int], gen: int) -> Run:
-    from .generation import stream_generate
+    from .generate.generation import stream_generate
 
     cache = model.make_cache()
     mx.reset_peak_memory()
@@ -330,7 +330,7 @@ def _row(tool: str, context: int, runs: list[Run]) -> Row:
 
 def multi_turn_ttft(model, tokenizer, turns: int = 3, words: int = 40) -> dict:
     """TTFT of turn N with the session's cache reused, and with the history prefilled anew."""
-    from .generation import ChatSession
+    from .generate.generation import ChatSession
 
     def message(i):
         return " ".join(f"word{i}x{j}" for j in range(words))
@@ -377,7 +377,7 @@ def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, r
     """
     from huggingface_hub.utils import tqdm
 
-    from .loader import load
+    from .checkpoint.loader import load
 
     model, tok = load(folder, dtype=dtype)
     tok.detokenizer()  # build the byte table before timing, as mlx-lm does at load
@@ -455,7 +455,7 @@ def decode_weight_bytes(model) -> float:
 
 def moe_routing_cost(model, reps: int = 20) -> dict:
     """Time of routing a decode token (router, softmax, top-k) against the whole MoE block."""
-    from .model import SparseMoE
+    from .model.decoder import SparseMoE
 
     block = next((layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)),
                  None)
@@ -484,7 +484,7 @@ def moe_routing_cost(model, reps: int = 20) -> dict:
 def quantization_quality(source: Path, work: Path, recipes: list[tuple[str, int, int]],
                          log: Callable[[str], None] = print) -> list[dict]:
     """KL and top-1 agreement against the float source for (recipe, bits, group) choices."""
-    from .converter import convert
+    from .checkpoint.converter import convert
 
     out = []
     for recipe, bits, group in recipes:

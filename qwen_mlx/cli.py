@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     """The converter's flags, shared by `qwen-mlx convert` and convert.py."""
-    from .quantize import BITS, GROUP_SIZES, RECIPES
+    from .checkpoint.quantize import BITS, GROUP_SIZES, RECIPES
 
     p.add_argument("source", help="hub repo id (e.g. Qwen/Qwen3-0.6B) or local folder")
     p.add_argument("-o", "--mlx-path", help="output folder (default: ./<name>-<4bit|mixed_4_6|...>)")
@@ -88,8 +88,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .converter import convert
-    from .quantize import RECIPES
+    from .checkpoint.converter import convert
+    from .checkpoint.quantize import RECIPES
 
     if args.bits is not None and args.recipe and RECIPES[args.recipe].low_bits:
         raise QwenMLXError(f"--recipe {args.recipe} sets the bits itself; drop --bits")
@@ -159,10 +159,10 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     import time
 
-    from .cache import load_prompt_cache, save_prompt_cache
-    from .generation import reuse_cache, stream_generate
-    from .hub import resolve_model_path
-    from .loader import load
+    from .model.cache import load_prompt_cache, save_prompt_cache
+    from .generate.generation import reuse_cache, stream_generate
+    from .checkpoint.hub import resolve_model_path
+    from .checkpoint.loader import load
 
     text = _read_prompt(args)
     for name in ("max_tokens", "prefill_step_size", "max_kv_size"):
@@ -228,7 +228,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .models import prepare_model
+    from .checkpoint.models import prepare_model
 
     folder = prepare_model(args.model, revision=args.revision)
     from tui.app import run_chat as run_app
@@ -240,8 +240,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import benchmark, plot, synthetic_checkpoint
-    from .converter import convert
-    from .models import cache_dir
+    from .checkpoint.converter import convert
+    from .checkpoint.models import cache_dir
 
     try:
         contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
@@ -258,11 +258,11 @@ def run_bench(args: argparse.Namespace) -> int:
             synthetic_checkpoint(source, args.shape, args.layers)
         label = f"{args.shape}, {args.layers} layers"
     else:
-        from .hub import resolve_model_path
+        from .checkpoint.hub import resolve_model_path
 
         source = resolve_model_path(args.model)
         label = args.model
-    from .config import ModelConfig
+    from .model.config import ModelConfig
 
     folder = source
     if ModelConfig.from_file(source / "config.json").quantization is None:
@@ -298,7 +298,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .config import ModelConfig
+    from .model.config import ModelConfig
 
     config = ModelConfig.from_file(Path(args.model).expanduser() / "config.json")
     print(config.describe())
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        from .parallel import cpu_count
+        from .model.parallel import cpu_count
 
         cpu_count()  # a bad QWEN_MLX_THREADS fails here, before a model loads
         return {"bench": run_bench, "chat": run_chat, "convert": run_convert,

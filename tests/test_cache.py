@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwen_mlx.cache import KVCache, RotatingKVCache
+from qwen_mlx.model.cache import KVCache, RotatingKVCache
 
 
 def reference_attention(q, k, v, window=None):

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CONFIG_CLASSES
-from qwen_mlx.config import ModelConfig
+from qwen_mlx.model.config import ModelConfig
 from qwen_mlx.errors import ConfigError
 
 
@@ -175,7 +175,7 @@ def test_from_file_errors(tmp_path):
 
 def test_yarn_numbers_from_the_spec():
     """Spec §3.4: s 4, L0 32768, θ 1e6, d 128 -> ramp 23..40, attention factor 1.138629."""
-    from qwen_mlx.rope import yarn_attention_factor, yarn_inv_freq, default_inv_freq
+    from qwen_mlx.model.rope import yarn_attention_factor, yarn_inv_freq, default_inv_freq
 
     c = norm({"model_type": "qwen3", "rope_theta": 1e6,
               "rope_scaling": {"rope_type": "yarn", "factor": 4.0,

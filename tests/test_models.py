@@ -17,7 +17,7 @@ def prepare(tmp_path, source, extra_env=None):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
            "QWEN_MLX_CACHE": str(tmp_path / "cache"), **(extra_env or {})}
     env.pop("HF_HUB_CACHE", None)
-    code = ("import sys, qwen_mlx.models as m\n"
+    code = ("import sys, qwen_mlx.checkpoint.models as m\n"
             "from qwen_mlx.errors import QwenMLXError\n"
             "try:\n"
             f"    print('PATH', m.prepare_model({source!r}, progress=False))\n"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import qwen_mlx
-from qwen_mlx import parallel
+from qwen_mlx.model import parallel
 from conftest import build_checkpoint, hf_incremental_logits, mlx_incremental_logits
 
 

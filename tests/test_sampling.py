@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import generation as hf
 
-from qwen_mlx.sampling import (QWEN3_NON_THINKING, QWEN3_THINKING, Sampler, SamplingParams,
+from qwen_mlx.generate.sampling import (QWEN3_NON_THINKING, QWEN3_THINKING, Sampler, SamplingParams,
                                generation_config_defaults, resolve_sampling)
 
 V = 50

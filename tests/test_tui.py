@@ -20,8 +20,8 @@ from textual.widgets import Checkbox, Input
 
 import qwen_mlx
 from conftest import build_checkpoint, write_tiny_tokenizer
-from qwen_mlx.generation import ChatSession, GenerationResponse
-from qwen_mlx.tokenizer import QwenTokenizer
+from qwen_mlx.generate.generation import ChatSession, GenerationResponse
+from qwen_mlx.text.tokenizer import QwenTokenizer
 from tui.app import ChatApp
 from tui.paths import resolve_data_dir
 from tui.screens.chats import ChatsScreen

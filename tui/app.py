@@ -15,8 +15,8 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 
-from qwen_mlx.generation import ChatSession
-from qwen_mlx.loader import load
+from qwen_mlx.generate.generation import ChatSession
+from qwen_mlx.checkpoint.loader import load
 
 from .mlx_thread import MLXThread
 from .paths import resolve_data_dir

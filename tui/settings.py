@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.sampling import QWEN3_NON_THINKING, QWEN3_THINKING, SamplingParams
+from qwen_mlx.generate.sampling import QWEN3_NON_THINKING, QWEN3_THINKING, SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                    "presence_penalty")

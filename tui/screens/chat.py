@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Label, LoadingIndicator, TextArea
 
-from qwen_mlx.thinking import thinking_enabled
+from qwen_mlx.text.thinking import thinking_enabled
 
 from ..context import WARN_AT, history_length, kv_cache_bytes, limit_label, reasoning_not_resent
 from ..stats import TurnStats

@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .errors import QwenMLXError
+from ..errors import QwenMLXError
 from .sampling import Sampler, generation_config_defaults, resolve_sampling
-from .thinking import ThinkingParser, thinking_enabled
+from ..text.thinking import ThinkingParser, thinking_enabled
 
 # MLX streams belong to one thread: this one exists in whichever thread generates.
 _STREAM = mx.new_thread_local_stream(mx.default_device())

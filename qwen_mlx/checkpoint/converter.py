@@ -23,8 +23,8 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelConfig
-from .errors import QwenMLXError, WeightsError
+from ..model.config import ModelConfig
+from ..errors import QwenMLXError, WeightsError
 from .hub import resolve_model_path
 from .loader import DTYPES, list_shards, load, load_tokenizer, read_shard
 from .quantize import BITS, GROUP_SIZES, RECIPES, plan, recipe_bits
@@ -393,7 +393,7 @@ def _copy_side_files(source: Path, dst: Path, config: ModelConfig) -> None:
                 continue  # Qwen1's points at remote code; we write our own below
             shutil.copy2(source / name, dst / name)
     if not (source / "tokenizer.json").exists() and qwen1_tiktoken.exists():
-        from .tiktoken_bpe import write_qwen1_tokenizer
+        from ..text.tiktoken import write_qwen1_tokenizer
 
         write_qwen1_tokenizer(qwen1_tiktoken, dst,
                               model_max_length=config.raw.get("seq_length"))

@@ -20,7 +20,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import QwenMLXError
+from ..errors import QwenMLXError
 
 # Below this many weights per matmul, handing work to other threads costs
 # more than it saves (a 4-bit 512x1024 decode matmul still gains: 0.43 -> 0.32 ms).

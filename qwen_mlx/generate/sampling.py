@@ -13,7 +13,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .errors import QwenMLXError
+from ..errors import QwenMLXError
 
 # Qwen3 model card: thinking and non-thinking presets.
 QWEN3_THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)

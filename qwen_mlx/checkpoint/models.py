@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .errors import QwenMLXError
+from ..errors import QwenMLXError
 from .hub import is_repo_id, resolve_model_path
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"

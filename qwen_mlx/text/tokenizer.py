@@ -21,14 +21,14 @@ from typing import Any
 
 from tokenizers import Encoding, Tokenizer
 
-from .chat_templates import (
+from .templates import (
     BUILTIN_CHAT_TEMPLATE,
     ChatTemplate,
     SpecialTokenShield,
     plain_template_data,
 )
 from .detokenizer import StreamingDetokenizer, token_bytes_table
-from .errors import QwenMLXError
+from ..errors import QwenMLXError
 
 __all__ = ["QwenTokenizer"]
 

@@ -29,8 +29,8 @@ import jinja2.utils
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import QwenMLXError
-from .tiktoken_bpe import QWEN1_CHAT_TEMPLATE
+from ..errors import QwenMLXError
+from .tiktoken import QWEN1_CHAT_TEMPLATE
 
 __all__ = ["BUILTIN_CHAT_TEMPLATE", "ChatTemplate", "SpecialTokenShield", "plain_template_data"]
 

@@ -18,8 +18,8 @@ from collections import defaultdict
 
 import mlx.core as mx
 
-from .config import ModelConfig
-from .errors import WeightsError
+from ..model.config import ModelConfig
+from ..errors import WeightsError
 
 _QWEN1_RENAMES = [
     (re.compile(r"^transformer\.wte\."), "model.embed_tokens."),

@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from .errors import QwenMLXError
+from ..errors import QwenMLXError
 
 __all__ = [
     "QWEN_PATTERN",

@@ -27,8 +27,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders
 
-from .errors import QwenMLXError
-from .tiktoken_bpe import _byte_to_unicode  # the package's one copy of GPT-2's byte table
+from ..errors import QwenMLXError
+from .tiktoken import _byte_to_unicode  # the package's one copy of GPT-2's byte table
 
 __all__ = ["StreamingDetokenizer", "TokenBytes", "special_token_ids", "token_bytes_table"]
 

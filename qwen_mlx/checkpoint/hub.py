@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import QwenMLXError
+from ..errors import QwenMLXError
 
 # Everything qwen-mlx reads; *.bin/*.pt pickles and *.py remote code are never fetched.
 HUB_FILES = [

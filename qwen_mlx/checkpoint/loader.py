@@ -17,10 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .errors import QwenMLXError, WeightsError
-from .experts import SwitchLinear
-from .model import Model
+from ..model.config import ModelConfig
+from ..errors import QwenMLXError, WeightsError
+from ..model.experts import SwitchLinear
+from ..model.decoder import Model
 from .weights import module_paths, sanitize
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -225,6 +225,6 @@ def load_tokenizer(folder: Path):
     """The folder's `QwenTokenizer`, or None when it has no tokenizer.json."""
     if not (folder / "tokenizer.json").exists():
         return None
-    from .tokenizer import QwenTokenizer
+    from ..text.tokenizer import QwenTokenizer
 
     return QwenTokenizer.from_folder(folder)

@@ -1,0 +1,1 @@
+"""Generation: sampling, the token loop and chat sessions."""
