@@ -455,7 +455,7 @@ def decode_weight_bytes(model) -> float:
 
 def moe_routing_cost(model, reps: int = 20) -> dict:
     """Time of routing a decode token (router, softmax, top-k) against the whole MoE block."""
-    from .model.decoder import SparseMoE
+    from .model.moe import SparseMoE
 
     block = next((layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoE)),
                  None)

@@ -10,6 +10,8 @@ unpickled.
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +23,8 @@ from ..model.config import ModelConfig
 from ..errors import QwenMLXError, WeightsError
 from ..model.experts import SwitchLinear
 from ..model.decoder import Model
+from ..model.deltanet import GatedDeltaNet
+from ..model.norm import RMSNorm
 from .weights import module_paths, sanitize
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -61,7 +65,11 @@ def load(path: str | Path, *, dtype: str | mx.Dtype | None = None,
     mx.eval(model.parameters())
     if max_context is not None:
         model.max_context = max_context
-    return model, load_tokenizer(folder)
+    from ..text.tokenizer import check_fits_model
+
+    tokenizer = load_tokenizer(folder)
+    check_fits_model(tokenizer, config.vocab_size, str(folder))  # ids past the embedding
+    return model, tokenizer
 
 
 def _named_rope_scaling(kind: str, factor: float) -> dict:
@@ -82,12 +90,34 @@ def build_model(config: ModelConfig, weights: dict[str, mx.array],
     """Build the model for `config` and load checkpoint tensors into it."""
     origin = origin or {}
     weights = sanitize(weights, config)
-    model = Model(config)
-    if config.quantization is not None:
-        _quantize_like_checkpoint(model, config, weights)
+    model = _build(config, weights, _mtp_layers(weights))
+    if model.mtp is not None:
+        try:
+            _check_weights(model, weights, origin, config)
+        except WeightsError as e:
+            # The MTP head only serves speculative decoding: never fail a load over it.
+            print(f"qwen-mlx: leaving out the checkpoint's multi-token-prediction head "
+                  f"(mtp.*), which does not match the config: {e}", file=sys.stderr)
+            weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+            model = _build(config, weights, 0)
     _check_weights(model, weights, origin, config)
     model.load_weights(list(weights.items()), strict=True)
     return model
+
+
+def _build(config: ModelConfig, weights: dict, mtp_layers: int) -> Model:
+    model = Model(config, mtp_layers=mtp_layers)
+    if config.quantization is not None:
+        _quantize_like_checkpoint(model, config, weights)
+    return model
+
+
+def _mtp_layers(weights: dict) -> int:
+    """How many MTP decoder layers the checkpoint carries (0: no usable head)."""
+    if not any(k.startswith("mtp.") for k in weights):
+        return 0
+    layers = {int(m.group(1)) for k in weights if (m := re.match(r"mtp\.layers\.(\d+)\.", k))}
+    return max(layers) + 1 if layers else 1
 
 
 def read_safetensors(folder: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
@@ -177,14 +207,35 @@ def _check_weights(model: Model, weights: dict, origin: dict, config: ModelConfi
     for name, param in expected.items():
         if tuple(weights[name].shape) != tuple(param.shape):
             where = origin.get(name, "the checkpoint")
+            hint = ""
+            if ".linear_attn." in name and config.linear is not None:
+                lc = config.linear
+                hint = (f" (from linear_num_key_heads {lc.num_key_heads}, linear_num_value_heads "
+                        f"{lc.num_value_heads}, linear_key_head_dim {lc.key_head_dim}, "
+                        f"linear_value_head_dim {lc.value_head_dim}, linear_conv_kernel_dim "
+                        f"{lc.conv_kernel}: conv_dim {lc.conv_dim})")
             raise WeightsError(
                 f"'{name}' in {where} has shape {list(weights[name].shape)} but "
-                f"{config.source} implies {list(param.shape)}; the weights do not match the config")
+                f"{config.source} implies {list(param.shape)}{hint}; the weights do not match "
+                "the config")
 
 
 def set_compute_dtype(model: Model, dtype: mx.Dtype) -> None:
-    """Cast the float parameters; packed quantized weights stay as they are."""
+    """Cast the float parameters; packed quantized weights stay as they are.
+
+    A DeltaNet's A_log and the zero-centred norms' 1 + w stay float32 (hybrid
+    spec §2.2, §3.3): the reference forms both in float32 whatever the dtype.
+    """
+    keep = []
+    for _, module in model.named_modules():
+        if isinstance(module, GatedDeltaNet):
+            keep.append((module, "A_log"))
+        elif isinstance(module, RMSNorm) and model.config.zero_centred_norms:
+            keep.append((module, "weight"))
+    originals = [(m, k, m[k]) for m, k in keep]
     model.set_dtype(dtype)
+    for module, key, value in originals:
+        module[key] = value.astype(mx.float32)
     if dtype != mx.float32 and mx.default_device() == mx.cpu:
         # MLX's CPU gather_mm runs in float32 only (mlx 0.32).
         for _, module in model.named_modules():

@@ -5,7 +5,13 @@ checkpoints and mlx-lm folders mostly pass through. What changes per family:
 - Qwen1: `transformer.h.N.*` renamed; the fused `c_attn` split into q/k/v.
 - MoE: `experts.{e}.*_proj` (or transformers 5's fused `experts.gate_up_proj`)
   stacked into `switch_mlp.*_proj` as [E, out, in].
-- Qwen2/2.5-VL: the language model's prefix stripped, the vision tower skipped.
+- Qwen2/2.5-VL, Qwen3-VL and the nested Qwen3.5 layout: the language model's
+  prefix stripped, the vision tower skipped.
+- The hybrids (hybrid spec §4.3): zero-centred norms stored as 1 + w (in
+  float32), the conv weight moved to MLX's [C, K, 1], and Qwen3-Next's
+  grouped in_proj_qkvz / in_proj_ba permuted into Qwen3.5's four projections;
+  all of it only for checkpoints in the Hugging Face layout (`detect_layout`),
+  since mlx-lm's folders hold these already converted. `mtp.*` is kept.
 Buffers that are not weights (`rotary_emb.inv_freq`, Qwen1's mask buffers)
 are dropped, and so is a tied checkpoint's redundant `lm_head`.
 """
@@ -37,6 +43,28 @@ _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)
 _FUSED_EXPERTS = re.compile(r"^(.*\.mlp)\.experts\.(gate_up_proj|down_proj)$")
 _VL_PREFIXES = [("model.language_model.", "model."), ("language_model.model.", "model."),
                 ("language_model.lm_head.", "lm_head.")]
+_NESTED_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen3_next")
+# Zero-centred norms (every hybrid norm but the DeltaNet's gated one), hybrid spec §3.3.
+_ZERO_CENTRED = re.compile(r"(^|\.)(input_layernorm|post_attention_layernorm|q_norm|k_norm|"
+                           r"pre_fc_norm_embedding|pre_fc_norm_hidden)\.weight$|"
+                           r"^(model|mtp)\.norm\.weight$")
+_GROUPED = re.compile(r"^(.*\.linear_attn)\.(in_proj_qkvz|in_proj_ba)\.(\w+)$")
+
+
+def detect_layout(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> str:
+    """"hf" when a hybrid checkpoint still needs the (1+w) shift and the conv axis
+    moved, "mlx" when it was converted already (mlx-lm's or ours).
+
+    The conv weight tells them apart, as in mlx-lm: [C, 1, K] as published,
+    [C, K, 1] once converted. Without linear layers, a converted folder has
+    mlx-lm's `language_model.` prefix or a quantization block.
+    """
+    for name, shape in shapes.items():
+        if name.endswith("linear_attn.conv1d.weight") and len(shape) == 3:
+            return "hf" if shape[-1] != 1 else "mlx"
+    if config.quantization is not None or any(n.startswith("language_model.") for n in shapes):
+        return "mlx"
+    return "hf"
 
 
 def _is_buffer(name: str) -> bool:
@@ -72,10 +100,15 @@ class WeightMapper:
     layout mlx-lm writes and reads for model_type "qwen".
     """
 
-    def __init__(self, config: ModelConfig, *, keep_qwen1_names: bool = False):
+    def __init__(self, config: ModelConfig, *, keep_qwen1_names: bool = False,
+                 layout: str = "hf"):
         self.config = config
         self.rename_qwen1 = config.family == "qwen" and not keep_qwen1_names
-        self.is_vl = config.model_type in ("qwen2_vl", "qwen2_5_vl")
+        self.is_vl = (config.model_type in ("qwen2_vl", "qwen2_5_vl")
+                      or config.family in _NESTED_FAMILIES)
+        # A Hugging Face hybrid checkpoint: shift its norms and move its conv axis.
+        self.convert_hybrid = config.is_hybrid and layout == "hf"
+        self.shift_norms = config.zero_centred_norms and layout == "hf"
         self.skipped_vision = 0
         self._experts: dict[tuple, dict[int, mx.array]] = defaultdict(dict)
 
@@ -99,6 +132,14 @@ class WeightMapper:
             if m:
                 return _split_c_attn(m.group(1), m.group(2), w, config)
             name = qwen1_name(name)
+        if self.shift_norms and _ZERO_CENTRED.search(name) and w.ndim == 1:
+            # Formed in float32, as the reference forms 1 + w.
+            return [(name, w.astype(mx.float32) + 1.0)]
+        if self.convert_hybrid and name.endswith("linear_attn.conv1d.weight") and w.ndim == 3:
+            return [(name, w.moveaxis(2, 1))]  # [C, 1, K] -> MLX's [C, K, 1]
+        m = _GROUPED.match(name)
+        if m and config.linear is not None:
+            return _ungroup(m.group(1), m.group(2), m.group(3), w, config)
         m = _EXPERT.match(name)
         if m:
             prefix, e, proj, suffix = m.groups()
@@ -131,7 +172,8 @@ class WeightMapper:
 
 def sanitize(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
     """Map a whole checkpoint's tensors onto the model's parameter names."""
-    mapper = WeightMapper(config)
+    layout = detect_layout({k: tuple(v.shape) for k, v in weights.items()}, config)
+    mapper = WeightMapper(config, layout=layout)
     out: dict[str, mx.array] = {}
     for name, w in weights.items():
         out.update(mapper.add(name, w))
@@ -166,3 +208,31 @@ def _unfuse_experts(prefix: str, kind: str, w: mx.array, config: ModelConfig) ->
     if w.shape[1] == inter and w.shape[2] != inter:
         w = w.swapaxes(1, 2)
     return [(f"{prefix}.switch_mlp.down_proj.weight", w)]
+
+
+def _ungroup(prefix: str, kind: str, suffix: str, w: mx.array, config: ModelConfig) -> list:
+    """Qwen3-Next's projections grouped by key head -> Qwen3.5's (hybrid spec §2.1).
+
+    Rows of in_proj_qkvz are, per key head j, [q_j | k_j | v and z of value heads
+    j·r .. j·r+r-1]; in_proj_ba's are [b | a] of those heads. A row permutation,
+    so the packed weight, scales and biases of a quantized folder move alike.
+    """
+    lc = config.linear
+    hk, dk, dv = lc.num_key_heads, lc.key_head_dim, lc.value_head_dim
+    r = lc.num_value_heads // hk
+    rest = w.shape[1:]
+    per_head = 2 * dk + 2 * r * dv if kind == "in_proj_qkvz" else 2 * r
+    if w.shape[0] != hk * per_head:
+        raise WeightsError(
+            f"{prefix}.{kind}.{suffix} has {w.shape[0]} rows; linear_num_key_heads {hk}, "
+            f"linear_key_head_dim {dk}, linear_value_head_dim {dv} and linear_num_value_heads "
+            f"{lc.num_value_heads} in {config.source} imply {hk * per_head}")
+    g = w.reshape(hk, per_head, *rest)
+    if kind == "in_proj_ba":
+        return [(f"{prefix}.in_proj_b.{suffix}", g[:, :r].reshape(-1, *rest)),
+                (f"{prefix}.in_proj_a.{suffix}", g[:, r:].reshape(-1, *rest))]
+    q, k = g[:, :dk], g[:, dk:2 * dk]
+    v, z = g[:, 2 * dk:2 * dk + r * dv], g[:, 2 * dk + r * dv:]
+    qkv = mx.concatenate([t.reshape(-1, *rest) for t in (q, k, v)], axis=0)
+    return [(f"{prefix}.in_proj_qkv.{suffix}", qkv),
+            (f"{prefix}.in_proj_z.{suffix}", z.reshape(-1, *rest))]

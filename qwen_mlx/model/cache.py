@@ -1,4 +1,4 @@
-"""Key/value caches.
+"""Key/value caches, and the Gated DeltaNet layers' state.
 
 `KVCache` preallocates and grows in steps, so decoding writes in place
 instead of concatenating every token. `RotatingKVCache` serves
@@ -13,6 +13,14 @@ combines with the rotating cache (mlx-lm's quantized cache cannot rotate).
 `update` stores the new keys and values and returns what attention needs:
 the keys and values to attend over and the mask for the new queries
 (None, "causal", or a boolean array where True means visible).
+
+`LinearCache` holds a DeltaNet layer's conv state and float32 recurrent
+state: constant memory, but it cannot be trimmed. So every cache can
+`snapshot()` and later `restore(snapshot)`. Snapshots copy nothing: a
+KVCache's is its length (checked on restore against later rewrites of the
+positions it covers), a rotating cache's holds views of its ring (MLX
+copies the ring only if it is written while a view is alive), and a
+linear cache's holds its two state arrays, which it replaces, never edits.
 """
 
 from __future__ import annotations
@@ -98,6 +106,21 @@ class _Storage:
         return list(x) if isinstance(x, tuple) else [x]
 
 
+class CacheSnapshot:
+    """What `restore` needs to put a cache back as it was at `offset`."""
+
+    def __init__(self, offset: int, data: Any = None, seq: int = 0):
+        self.offset, self.data, self.seq = offset, data, seq
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this snapshot keeps alive beyond the cache itself (an upper bound)."""
+        arrays = [a for part in (self.data or ()) if part is not None
+                  for a in (part if isinstance(part, tuple) else (part,))
+                  if isinstance(a, mx.array)]
+        return sum(a.nbytes for a in arrays)
+
+
 class KVCache:
     """A growing cache for full-attention layers."""
 
@@ -108,6 +131,9 @@ class KVCache:
         self.keys: Any = None
         self.values: Any = None
         self.offset = 0
+        self._seq = 0  # counts updates, so a snapshot knows what came after it
+        self._rewrites: list[tuple[int, int]] = []  # (seq, first position) of writes after a trim
+        self._high = 0  # the furthest position written
 
     @property
     def bits(self) -> int | None:
@@ -127,7 +153,11 @@ class KVCache:
                 self.values = s.concat(s.slice(self.values, 0, start), grow_v)
         s.assign(self.keys, start, k)
         s.assign(self.values, start, v)
+        self._seq += 1
+        if start < self._high:
+            self._rewrites.append((self._seq, start))
         self.offset += length
+        self._high = max(self._high, self.offset)
         mask = None if length == 1 else "causal"
         return (s.unpack(s.slice(self.keys, 0, self.offset), keys.dtype),
                 s.unpack(s.slice(self.values, 0, self.offset), values.dtype), mask)
@@ -144,8 +174,26 @@ class KVCache:
             return None, None
         return s.slice(self.keys, 0, self.offset), s.slice(self.values, 0, self.offset)
 
-    def restore(self, keys: Any, values: Any, offset: int) -> None:
+    def set_state(self, keys: Any, values: Any, offset: int) -> None:
+        """Take keys and values as `state()` returns them (a prompt-cache file)."""
         self.keys, self.values, self.offset = keys, values, offset
+        self._high = offset
+        self._rewrites.clear()
+
+    def snapshot(self) -> CacheSnapshot:
+        return CacheSnapshot(self.offset, seq=self._seq)
+
+    def can_restore(self, snap: CacheSnapshot) -> bool:
+        """Whether the positions `snap` covers are still as they were."""
+        return snap.offset <= self._high and not any(
+            seq > snap.seq and start < snap.offset for seq, start in self._rewrites)
+
+    def restore(self, snap: CacheSnapshot) -> bool:
+        """Go back (or forward) to `snap`; False if its positions were written over since."""
+        if not self.can_restore(snap):
+            return False
+        self.offset = snap.offset
+        return True
 
     @property
     def nbytes(self) -> int:
@@ -242,60 +290,89 @@ class RotatingKVCache:
     def state(self) -> tuple[Any, Any]:
         return self._in_order()
 
-    def restore(self, keys: Any, values: Any, offset: int) -> None:
+    def set_state(self, keys: Any, values: Any, offset: int) -> None:
+        """Take keys and values as `state()` returns them (a prompt-cache file)."""
         self.keys, self.values, self.offset = keys, values, offset
         self._filled = 0 if keys is None else self.storage.length(keys)
         self._next = 0
+
+    def snapshot(self) -> CacheSnapshot:
+        s = self.storage
+        # Views, not the buffers themselves: the ring is written in place.
+        views = None if self.keys is None else (s.slice(self.keys, 0, s.length(self.keys)),
+                                                s.slice(self.values, 0, s.length(self.values)))
+        return CacheSnapshot(self.offset, (views, self._filled, self._next))
+
+    def restore(self, snap: CacheSnapshot) -> bool:
+        views, self._filled, self._next = snap.data
+        self.keys, self.values = (None, None) if views is None else views
+        self.offset = snap.offset
+        return True
 
     @property
     def nbytes(self) -> int:
         return self.storage.nbytes(self.keys) + self.storage.nbytes(self.values)
 
 
+class LinearCache:
+    """A Gated DeltaNet layer's state: the last K-1 conv inputs [B, K-1, C] and the
+    float32 recurrent state S [B, Hv, Dk, Dv]. Its size does not grow with the context."""
+
+    bits = None
+
+    def __init__(self) -> None:
+        self.conv_state: mx.array | None = None
+        self.recurrent_state: mx.array | None = None
+        self.offset = 0
+
+    def trim(self, n: int) -> bool:
+        """The recurrence cannot be undone: only trimming nothing succeeds (use snapshots)."""
+        return n == 0
+
+    def state(self) -> tuple[Any, Any]:
+        return self.conv_state, self.recurrent_state
+
+    def set_state(self, conv_state: Any, recurrent_state: Any, offset: int) -> None:
+        self.conv_state, self.recurrent_state, self.offset = conv_state, recurrent_state, offset
+
+    def snapshot(self) -> CacheSnapshot:
+        return CacheSnapshot(self.offset, (self.conv_state, self.recurrent_state))
+
+    def restore(self, snap: CacheSnapshot) -> bool:
+        (self.conv_state, self.recurrent_state), self.offset = snap.data, snap.offset
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state() if a is not None)
+
+
 def make_cache(windows: "tuple[int | None, ...]", *, kv_bits: int | None = None,
-               max_kv_size: int | None = None) -> list:
-    """One cache per layer: rotating where a layer has a window or max_kv_size is set."""
+               max_kv_size: int | None = None, kinds: "tuple[str, ...] | None" = None) -> list:
+    """One cache per layer: a LinearCache for Gated DeltaNet layers ("linear" in
+    `kinds`); rotating where a layer has a window or max_kv_size is set."""
     caches = []
-    for w in windows:
+    for i, w in enumerate(windows):
+        if kinds is not None and kinds[i] == "linear":
+            caches.append(LinearCache())
+            continue
         limit = min(x for x in (w, max_kv_size) if x) if (w or max_kv_size) else None
         caches.append(RotatingKVCache(limit, kv_bits) if limit else KVCache(kv_bits))
     return caches
 
 
-def save_prompt_cache(path: str, cache: list, metadata: dict[str, str] | None = None) -> None:
-    """Write a cache (and string metadata, e.g. the cached token ids) to a safetensors file."""
-    import json
-
-    arrays: dict[str, mx.array] = {}
-    layers = []
-    for i, c in enumerate(cache):
-        keys, values = c.state()
-        layers.append({"type": type(c).__name__, "offset": c.offset, "bits": c.bits,
-                       "window": getattr(c, "window", None), "empty": keys is None})
-        if keys is not None:
-            for name, part in (("keys", keys), ("values", values)):
-                for j, a in enumerate(_Storage.arrays(part)):
-                    arrays[f"{i}.{name}.{j}"] = a
-    meta = {"qwen_mlx_cache": json.dumps(layers), **(metadata or {})}
-    mx.save_safetensors(path, arrays, metadata=meta)
+def snapshot_cache(cache: list) -> list[CacheSnapshot]:
+    """A snapshot of every layer's cache (cheap: see the module docstring)."""
+    return [c.snapshot() for c in cache]
 
 
-def load_prompt_cache(path: str) -> tuple[list, dict[str, str]]:
-    """Read a cache written by `save_prompt_cache`; returns (cache, metadata)."""
-    import json
+def restore_cache(cache: list, snapshots: list[CacheSnapshot]) -> bool:
+    """Put every layer back as its snapshot was; False, with the cache unchanged,
+    when some layer's positions were written over since."""
+    if len(cache) != len(snapshots) or any(
+            isinstance(c, KVCache) and not c.can_restore(s) for c, s in zip(cache, snapshots)):
+        return False
+    for c, s in zip(cache, snapshots):
+        c.restore(s)
+    return True
 
-    arrays, meta = mx.load(path, return_metadata=True)
-    layers = json.loads(meta.pop("qwen_mlx_cache"))
-    cache = []
-    for i, info in enumerate(layers):
-        c = (RotatingKVCache(info["window"], info["bits"]) if info["type"] == "RotatingKVCache"
-             else KVCache(info["bits"]))
-        if not info["empty"]:
-            def part(name):
-                parts = [arrays[f"{i}.{name}.{j}"] for j in range(3 if info["bits"] else 1)]
-                return tuple(parts) if info["bits"] else parts[0]
-            c.restore(part("keys"), part("values"), info["offset"])
-        else:
-            c.offset = info["offset"]
-        cache.append(c)
-    return cache, meta

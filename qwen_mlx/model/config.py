@@ -1,11 +1,12 @@
 """One frozen config for every Qwen generation.
 
 `ModelConfig.from_dict` reads any Qwen config.json (Qwen1 remote code,
-Qwen1.5/2/2.5, the MoE families, Qwen3, the text half of Qwen2/2.5-VL) in
-either the published schema or the one transformers 5 writes, applies each
-family's class defaults (spec §1), and validates what the model needs. The
-decoder never looks at model_type again: every difference between the
-generations is a field here.
+Qwen1.5/2/2.5, the MoE families, Qwen3, Qwen3-Next, Qwen3.5/3.6 dense and
+MoE, and the text half of Qwen2/2.5-VL and Qwen3-VL) in either the published
+schema or the one transformers 5 writes, nested (`text_config`) or flat,
+applies each family's class defaults (spec §1 of both specs), and validates
+what the model needs. The decoder never looks at model_type again: every
+difference between the generations is a field here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,22 @@ FAMILIES = {
     # M-RoPE's three position streams are equal, which is plain 1-D RoPE.
     "qwen2_vl": "qwen2",
     "qwen2_5_vl": "qwen2",
+    # The hybrids (Gated DeltaNet + gated attention) and Qwen3-VL's language
+    # models; the *_text types are the flat layout transformers writes.
+    "qwen3_next": "qwen3_next",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+    "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_text": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl_moe",
+    "qwen3_vl_moe_text": "qwen3_vl_moe",
 }
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+# Families whose published checkpoints nest the language model under text_config.
+NESTED_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe")
+LAYER_TYPES = {"full_attention": "attention", "linear_attention": "linear"}
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
@@ -47,7 +63,33 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                       num_attention_heads=32, num_key_value_heads=4, num_experts=128,
                       num_experts_per_tok=8, moe_intermediate_size=768,
                       shared_expert_intermediate_size=0),
+    # Hybrid spec §1.2-1.6.
+    "qwen3_next": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                       num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+                       shared_expert_intermediate_size=512, norm_topk_prob=True),
+    "qwen3_5": dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288,
+                    num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
+                    head_dim=256),
+    "qwen3_5_moe": dict(vocab_size=248320, hidden_size=2048, num_hidden_layers=40,
+                        num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+                        num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                        shared_expert_intermediate_size=512),
+    "qwen3_vl": dict(hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                     num_attention_heads=32, head_dim=128, max_position_embeddings=128000),
+    "qwen3_vl_moe": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                         num_attention_heads=16, num_key_value_heads=16, num_experts=60,
+                         num_experts_per_tok=4, moe_intermediate_size=1408,
+                         max_position_embeddings=128000, tie_word_embeddings=True),
 }
+_LINEAR_DEFAULTS: dict[str, Any] = dict(
+    linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128,
+    linear_num_key_heads=16, linear_num_value_heads=32, full_attention_interval=4,
+)
+# rope_theta when a config gives none (transformers' default_theta).
+_DEFAULT_THETA = {"qwen3_vl": 500000.0, "qwen3_vl_moe": 500000.0}
+# The fraction of each head that rotates when a config gives none.
+_DEFAULT_PARTIAL_ROTARY = {f: 0.25 for f in HYBRID_FAMILIES}
 _HF_SHARED_DEFAULTS: dict[str, Any] = dict(
     vocab_size=151936, rms_norm_eps=1e-6, max_position_embeddings=32768,
     tie_word_embeddings=False, use_sliding_window=False, sliding_window=4096,
@@ -89,6 +131,29 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class LinearAttentionConfig:
+    """Gated DeltaNet layer shapes (hybrid spec §2.1)."""
+
+    num_key_heads: int  # Hk
+    num_value_heads: int  # Hv, a multiple of Hk
+    key_head_dim: int  # Dk
+    value_head_dim: int  # Dv
+    conv_kernel: int  # K
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the decoder needs, whatever the Qwen generation."""
 
@@ -115,6 +180,17 @@ class ModelConfig:
     # Per layer: whether the FFN is the sparse MoE block.
     sparse_layers: tuple[bool, ...]
     moe: MoEConfig | None = None
+    # Per layer: "attention" (full or windowed softmax attention) or "linear" (Gated DeltaNet).
+    layer_kinds: tuple[str, ...] = ()
+    linear: LinearAttentionConfig | None = None
+    # Gated attention: q_proj also yields a per-head sigmoid gate on the output.
+    attention_gate: bool = False
+    # Zero-centred norms: checkpoints store w and the norm multiplies by 1 + w.
+    zero_centred_norms: bool = False
+    # Multi-token-prediction layers the config announces (the checkpoint may lack them).
+    mtp_layers: int = 0
+    # Ids that only the vision tower can fill (image/video pads, vision start).
+    vision_token_ids: tuple[int, ...] = ()
     # Qwen1: the training length S used by dynamic NTK and LogN, or None when off.
     ntk_seq_length: int | None = None
     logn_seq_length: int | None = None
@@ -148,6 +224,15 @@ class ModelConfig:
         """Normalize a config.json dict; `rope_scaling`, if given, replaces the file's."""
         return _normalize(dict(data), source, rope_scaling)
 
+    def __post_init__(self):
+        if not self.layer_kinds:
+            object.__setattr__(self, "layer_kinds", ("attention",) * self.num_layers)
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layers are Gated DeltaNet layers, whose cache cannot be trimmed."""
+        return "linear" in self.layer_kinds
+
     @property
     def native_context(self) -> int:
         """Positions the model handles as configured: YaRN and linear scaling extend it."""
@@ -160,6 +245,8 @@ class ModelConfig:
     def describe(self) -> str:
         """A one-line summary for logs and the CLI."""
         kind = f"{self.moe.num_experts} experts top-{self.moe.top_k}" if self.moe else "dense"
+        if self.is_hybrid:
+            kind += f", {self.layer_kinds.count('linear')} of {self.num_layers} layers Gated DeltaNet"
         rope = self.rope.rope_type
         if rope != "default":
             rope += f" x{self.rope.factor:g}"
@@ -218,9 +305,14 @@ def _normalize(data: dict, source: str, rope_override: Mapping | None) -> ModelC
             f"{source}: model_type '{model_type}' is not a Qwen model qwen-mlx supports "
             f"(supported: {', '.join(FAMILIES)})")
     raw = dict(data)
-    if model_type in ("qwen2_vl", "qwen2_5_vl") and isinstance(data.get("text_config"), dict):
+    text_config = data.get("text_config")
+    if text_config is not None and not isinstance(text_config, dict):
+        raise ConfigError(f"{source}: 'text_config' must be an object, got {text_config!r}")
+    if model_type in ("qwen2_vl", "qwen2_5_vl") and text_config:
         # transformers 5 nests the language model's keys; older files keep them on top.
-        data = {**data, **data["text_config"]}
+        data = {**data, **text_config}
+    elif family in NESTED_FAMILIES and text_config:
+        data = _merge_nested(data, text_config)
     if rope_override is not None:
         if family == "qwen":
             raise ConfigError(
@@ -232,6 +324,19 @@ def _normalize(data: dict, source: str, rope_override: Mapping | None) -> ModelC
     if family == "qwen":
         return _qwen1(data, raw, source, quantization, torch_dtype)
     return _hf(data, raw, family, source, quantization, torch_dtype)
+
+
+def _merge_nested(data: dict, text: dict) -> dict:
+    """The language model's keys of a nested (text_config + vision_config) config.
+
+    The *ForConditionalGeneration model ties its head by the top-level
+    tie_word_embeddings (class default false), whatever text_config says;
+    the vision token ids and mlx-lm's quantization block live on top too.
+    """
+    merged = {k: v for k, v in data.items() if k not in ("text_config", "vision_config")}
+    merged.update({k: v for k, v in text.items() if k != "model_type"})
+    merged["tie_word_embeddings"] = data.get("tie_word_embeddings", False)
+    return merged
 
 
 def _quantization(data: dict, source: str) -> dict | None:
@@ -294,18 +399,21 @@ def _qwen1(data: dict, raw: dict, source: str, quantization, torch_dtype) -> Mod
 
 
 def _hf(data: dict, raw: dict, family: str, source: str, quantization, torch_dtype) -> ModelConfig:
-    r = _Reader(data, {**_HF_SHARED_DEFAULTS, **_HF_DEFAULTS[family]}, source)
+    hybrid = family in HYBRID_FAMILIES
+    defaults = {**_HF_SHARED_DEFAULTS, **(_LINEAR_DEFAULTS if hybrid else {}),
+                **_HF_DEFAULTS[family]}
+    r = _Reader(data, defaults, source)
     hidden = r.int("hidden_size")
     heads = r.int("num_attention_heads")
     layers = r.int("num_hidden_layers")
-    if family in ("qwen2_moe", "qwen3_moe"):
+    if family in ("qwen2_moe", "qwen3_moe", "qwen3_vl_moe") or hybrid:
         kv_heads = r.int("num_key_value_heads")
     else:
         kv_heads = r.int("num_key_value_heads", heads)
     if heads % kv_heads:
         raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of "
                           f"num_key_value_heads {kv_heads}")
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_vl") or hybrid:
         head_dim = r.int("head_dim")
     elif "head_dim" in data and data["head_dim"] is not None:
         head_dim = r.int("head_dim")
@@ -315,7 +423,14 @@ def _hf(data: dict, raw: dict, family: str, source: str, quantization, torch_dty
                               f"num_attention_heads {heads}; set head_dim")
         head_dim = hidden // heads
     rope_params = data.get("rope_parameters") or {}
-    partial = rope_params.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
+    if not isinstance(rope_params, dict):
+        raise ConfigError(f"{source}: 'rope_parameters' must be an object, got {rope_params!r}")
+    partial = rope_params.get("partial_rotary_factor", data.get("partial_rotary_factor"))
+    if partial is None:
+        partial = _DEFAULT_PARTIAL_ROTARY.get(family, 1.0)
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        raise ConfigError(f"{source}: 'partial_rotary_factor' must be a number in (0, 1], "
+                          f"got {partial!r}")
     rotary_dim = int(head_dim * partial)
     if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
         raise ConfigError(f"{source}: partial_rotary_factor {partial} gives rotary dim "
@@ -329,30 +444,90 @@ def _hf(data: dict, raw: dict, family: str, source: str, quantization, torch_dty
         qkv_bias = o_bias = r.bool("attention_bias", False)
 
     max_pos = r.int("max_position_embeddings")
-    rope = _rope(data, max_pos, source)
+    rope = _rope(data, max_pos, source, _DEFAULT_THETA.get(family, 10000.0))
     if rope.rope_type == "yarn" and rotary_dim != head_dim:
         # The model folds YaRN's attention factor into the softmax scale, which
         # is exact only when every dimension of the head is rotated.
-        raise ConfigError(f"{source}: YaRN with partial_rotary_factor {partial} is not supported")
+        raise ConfigError(f"{source}: YaRN with partial_rotary_factor {partial} (rotary dim "
+                          f"{rotary_dim} of {head_dim}) is not supported yet; run without "
+                          "rope scaling")
     moe, sparse = None, (False,) * layers
-    if family in ("qwen2_moe", "qwen3_moe"):
+    if family in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe", "qwen3_vl_moe"):
         moe, sparse = _moe(r, data, family, layers, source)
+    kinds, linear = ("attention",) * layers, None
+    if hybrid:
+        kinds = _layer_kinds(r, data, layers, source)
+        linear = _linear(r, source)
+    # The dense MLP's width: Qwen3.5-MoE has none (every layer is sparse).
+    intermediate = (r.int("intermediate_size", 0, minimum=0) if family == "qwen3_5_moe"
+                    else r.int("intermediate_size"))
 
     return ModelConfig(
         model_type=data["model_type"], family=family,
         vocab_size=r.int("vocab_size"), hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
-        intermediate_size=r.int("intermediate_size"),
+        intermediate_size=intermediate,
         rms_norm_eps=r.float("rms_norm_eps"),
         max_position_embeddings=max_pos,
         tie_word_embeddings=r.bool("tie_word_embeddings"),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=False,
-        qk_norm=family in ("qwen3", "qwen3_moe"),
+        qk_norm=family in ("qwen3", "qwen3_moe", "qwen3_vl", "qwen3_vl_moe") or hybrid,
         rope=rope,
-        sliding_windows=_sliding_windows(r, data, family, layers, source),
+        sliding_windows=(_sliding_windows(r, data, family, layers, source)
+                         if family not in ("qwen3_vl", "qwen3_vl_moe") and not hybrid
+                         else (None,) * layers),
         sparse_layers=sparse, moe=moe,
+        layer_kinds=kinds, linear=linear, attention_gate=hybrid, zero_centred_norms=hybrid,
+        mtp_layers=_mtp_layers(r) if hybrid else 0,
+        vision_token_ids=_vision_token_ids(data, source) if family in NESTED_FAMILIES else (),
         quantization=quantization, torch_dtype=torch_dtype, source=source, raw=raw,
     )
+
+
+def _layer_kinds(r: _Reader, data: dict, layers: int, source: str) -> tuple[str, ...]:
+    """`layer_types` when given, else every `full_attention_interval`-th layer is full (§1.1)."""
+    layer_types = data.get("layer_types")
+    if layer_types is None:
+        interval = r.int("full_attention_interval")
+        return tuple("attention" if (i + 1) % interval == 0 else "linear" for i in range(layers))
+    if not isinstance(layer_types, list) or len(layer_types) != layers:
+        raise ConfigError(f"{source}: 'layer_types' must list one entry for each of the "
+                          f"{layers} layers (num_hidden_layers), got {layer_types!r}")
+    unknown = sorted({str(t) for t in layer_types if t not in LAYER_TYPES})
+    if unknown:
+        raise ConfigError(f"{source}: 'layer_types' holds {', '.join(map(repr, unknown))}; "
+                          f"qwen-mlx knows {', '.join(map(repr, LAYER_TYPES))}")
+    return tuple(LAYER_TYPES[t] for t in layer_types)
+
+
+def _linear(r: _Reader, source: str) -> LinearAttentionConfig:
+    hk, hv = r.int("linear_num_key_heads"), r.int("linear_num_value_heads")
+    if hv % hk:
+        raise ConfigError(f"{source}: linear_num_value_heads {hv} must be a multiple of "
+                          f"linear_num_key_heads {hk} (each key head serves a group of "
+                          "value heads)")
+    return LinearAttentionConfig(
+        num_key_heads=hk, num_value_heads=hv, key_head_dim=r.int("linear_key_head_dim"),
+        value_head_dim=r.int("linear_value_head_dim"),
+        conv_kernel=r.int("linear_conv_kernel_dim"))
+
+
+def _mtp_layers(r: _Reader) -> int:
+    if r.data.get("mtp_num_hidden_layers") is not None:
+        return r.int("mtp_num_hidden_layers", minimum=0)
+    return r.int("num_nextn_predict_layers", 0, minimum=0)
+
+
+def _vision_token_ids(data: dict, source: str) -> tuple[int, ...]:
+    ids = []
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{source}: '{key}' must be a token id, got {value!r}")
+        ids.append(value)
+    return tuple(ids)
 
 
 def _moe(r: _Reader, data: dict, family: str, layers: int, source: str):
@@ -363,16 +538,20 @@ def _moe(r: _Reader, data: dict, family: str, layers: int, source: str):
     top_k = r.int("num_experts_per_tok")
     if num_experts and top_k > num_experts:
         raise ConfigError(f"{source}: num_experts_per_tok {top_k} exceeds num_experts {num_experts}")
-    step = r.int("decoder_sparse_step")
-    only = data.get("mlp_only_layers") or []
+    step = 1 if family == "qwen3_5_moe" else r.int("decoder_sparse_step")
+    # Qwen3.5-MoE makes every layer sparse; its configs may still carry the key.
+    only = [] if family == "qwen3_5_moe" else (data.get("mlp_only_layers") or [])
     if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
         raise ConfigError(f"{source}: 'mlp_only_layers' must be a list of layer indices, got {only!r}")
     sparse = tuple(i not in only and num_experts > 0 and (i + 1) % step == 0 for i in range(layers))
-    shared = r.int("shared_expert_intermediate_size", minimum=0) if family == "qwen2_moe" else 0
+    with_shared = family in ("qwen2_moe", "qwen3_next", "qwen3_5_moe")
+    shared = r.int("shared_expert_intermediate_size", minimum=0) if with_shared else 0
+    # Qwen3.5-MoE and Qwen3-VL-MoE reuse a router that always renormalizes its top k.
+    forced = family in ("qwen3_5_moe", "qwen3_vl_moe")
     moe = MoEConfig(num_experts=num_experts, top_k=top_k,
                     intermediate_size=r.int("moe_intermediate_size"),
                     shared_intermediate_size=shared,
-                    norm_topk_prob=r.bool("norm_topk_prob"))
+                    norm_topk_prob=True if forced else r.bool("norm_topk_prob"))
     return (moe if any(sparse) else None), sparse
 
 
@@ -401,7 +580,7 @@ def _sliding_windows(r: _Reader, data: dict, family: str, layers: int, source: s
     return tuple(window if w else None for w in windowed)
 
 
-def _rope(data: dict, max_pos: int, source: str) -> RopeConfig:
+def _rope(data: dict, max_pos: int, source: str, default_theta: float = 10000.0) -> RopeConfig:
     params = data.get("rope_parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: 'rope_parameters' must be an object, got {params!r}")
@@ -412,11 +591,12 @@ def _rope(data: dict, max_pos: int, source: str) -> RopeConfig:
     rope_type = p.get("rope_type") or p.get("type") or "default"
     if rope_type == "mrope":  # Qwen2-VL: equal to 1-D RoPE for text
         rope_type = "default"
+    # Interleaved M-RoPE (mrope_section, Qwen3-VL/3.5) is also 1-D RoPE for text (§3.4).
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"{source}: rope type '{rope_type}' is not supported "
                           f"(supported: {', '.join(ROPE_TYPES)})")
     theta = p.get("rope_theta", data.get("rope_theta"))
-    theta = 10000.0 if theta is None else theta
+    theta = default_theta if theta is None else theta
     r = _Reader(p, {}, f"{source} (rope)")
     if not isinstance(theta, (int, float)) or theta <= 1:
         raise ConfigError(f"{source}: 'rope_theta' must be a number above 1, got {theta!r}")

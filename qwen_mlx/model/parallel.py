@@ -69,7 +69,8 @@ def cpu_streams() -> list:
 def split(count: int, weights: int, fn: Callable[[slice], mx.array],
           axis: int = -1) -> mx.array | None:
     """`fn(part)` for each core's share of range(count), run at once and joined on
-    `axis`; None when the work is too small to gain or there is one core."""
+    `axis`; None when the work is too small to gain or there is one core.
+    When `fn` returns a tuple, each of its arrays is joined on `axis`."""
     streams = cpu_streams()
     if len(streams) < 2 or weights < MIN_PARALLEL_WEIGHTS or count < len(streams):
         return None
@@ -79,6 +80,8 @@ def split(count: int, weights: int, fn: Callable[[slice], mx.array],
     for i, stream in enumerate(streams):
         with mx.stream(stream):
             parts.append(fn(slice(bounds[i], bounds[i + 1])))
+    if isinstance(parts[0], tuple):
+        return tuple(mx.concatenate(list(p), axis=axis) for p in zip(*parts))
     return mx.concatenate(parts, axis=axis)
 
 
