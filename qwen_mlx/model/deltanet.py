@@ -162,7 +162,7 @@ class GatedDeltaNet(nn.Module):
         q, k = (mx.repeat(t, r, axis=2) if r > 1 else t for t in (q, k))
         heads = [t.transpose(0, 2, 1, 3) for t in (q, k, v.astype(mx.float32))]
         g, beta = g.transpose(0, 2, 1), beta.transpose(0, 2, 1)
-        state = cache.state if cache is not None and cache.state is not None else \
+        state = cache.recurrent_state if cache is not None and cache.recurrent_state is not None else \
             mx.zeros((B, Hv, Dk, Dv), dtype=mx.float32)
 
         def run(s: slice):
@@ -172,7 +172,7 @@ class GatedDeltaNet(nn.Module):
         parts = parallel.split(Hv, T * Hv * Dk * Dv * 4, run, axis=1)
         o, state = run(slice(0, Hv)) if parts is None else parts
         if cache is not None:
-            cache.state = state
+            cache.recurrent_state = state
             cache.offset += T
         o = o.transpose(0, 2, 1, 3).astype(x.dtype)
         y = self.norm(o, z).reshape(B, T, -1)
