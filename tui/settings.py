@@ -7,8 +7,11 @@ generation_config, so "auto" stays right when a chat switches modes.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,8 @@ class Settings:
 
     def validate(self) -> "Settings":
         """Return self, or raise SettingsError naming the first bad value."""
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name))
         given = self.sampling()
         try:  # the library's own ranges, so the UI never accepts what generation refuses
             SamplingParams(**{k: v for k, v in given.items() if k != "presence_penalty"}).validate()
@@ -77,10 +82,61 @@ class Settings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Settings":
-        """Settings from saved JSON: unknown keys are ignored, missing ones default."""
+        """Settings from saved JSON: unknown keys are ignored, missing ones default;
+        raises SettingsError for a bad value (see `from_saved` to keep the good ones)."""
         known = {f.name: f for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         return replace(cls(), **values).validate()
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "tuple[Settings, list[str]]":
+        """Settings from saved JSON, dropping only the fields that are invalid.
+
+        Returns (settings, one message per dropped field). One bad value must not cost
+        the user the rest (a system prompt, say): the next save would write defaults
+        over them. Fields apply in declaration order, so a value checked against an
+        earlier one (the YaRN factor against the scaling) sees the kept one.
+        """
+        settings, problems = cls(), []
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            try:
+                settings = replace(settings, **{f.name: data[f.name]}).validate()
+            except (SettingsError, TypeError, ValueError) as e:
+                problems.append(f"{f.name} ({e})")
+        return settings, problems
+
+
+_FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+           "rope_factor"}
+_INTS = {"top_k", "max_tokens", "max_context", "kv_bits"}
+_OPTIONAL = set(SAMPLING_FIELDS) | {"rope_scaling", "max_context", "kv_bits"}
+
+
+def _check_type(name: str, value: Any) -> None:
+    """Raise SettingsError unless `value` has the type field `name` holds (hand-edited
+    JSON can hold anything: "hot", 20.5, true, NaN)."""
+    label = name
+    if value is None:
+        if name not in _OPTIONAL:
+            raise SettingsError(f"{label} needs a value")
+        return
+    if name in _FLOATS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingsError(f"{label} must be a number, got {_short(value)}")
+        if not math.isfinite(value):
+            raise SettingsError(f"{label} must be a finite number, got {value}")
+    elif name in _INTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{label} must be a whole number, got {_short(value)}")
+    elif not isinstance(value, str):
+        raise SettingsError(f"{label} must be text, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, float) else f"{value:g}"
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def preset(thinking: bool) -> dict[str, Any]:
@@ -89,16 +145,20 @@ def preset(thinking: bool) -> dict[str, Any]:
 
 
 def load_settings(path: Path) -> tuple[Settings, str | None]:
-    """(settings, a warning when the file was unreadable and defaults are used)."""
+    """(settings, a warning naming what could not be used, or None)."""
     if not path.is_file():
         return Settings(), None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("expected a JSON object")
-        return Settings.from_dict(data), None
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         return Settings(), f"{path} could not be read ({e}); using default settings"
+    settings, problems = Settings.from_saved(data)
+    if not problems:
+        return settings, None
+    return settings, (f"{path}: ignored the invalid " + "; ".join(problems)
+                      + ". The other settings are kept.")
 
 
 def save_settings(path: Path, settings: Settings) -> None:
@@ -107,8 +167,45 @@ def save_settings(path: Path, settings: Settings) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON to `path` through a temporary file and a rename."""
+    """Write JSON to `path` atomically (see `write_text`)."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file of its own, fsync, then a rename.
+
+    The temporary name is unique per write (two app instances saving at once must not
+    write into one file), and sits in the same folder, so the rename is atomic: a
+    reader sees the old file or the new one, never a mix.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:  # keep the mode of the file it replaces (mkstemp's is 0600, kept for new files)
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
