@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--revision", help="hub branch, tag or commit")
     chat.add_argument("--rope-scaling", choices=["yarn"],
                       help="extend the context with YaRN (best only for long inputs)")
-    chat.add_argument("--rope-factor", type=float, default=4.0)
+    chat.add_argument("--rope-factor", type=finite_float, default=4.0)
     chat.add_argument("--max-context", type=int, help="context limit in tokens")
     add_convert_arguments(sub.add_parser(
         "convert", help="convert a hub repo or local checkpoint into an MLX folder, optionally quantized",
@@ -61,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a model folder: family, shapes, RoPE, quantization")
     info.add_argument("model", help="a local model folder (Hugging Face or mlx-lm layout)")
     return parser
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number, so the flag (not a config file) is blamed for nan."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,7 +145,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-step-size", type=int, default=512)
     p.add_argument("--rope-scaling", choices=["yarn", "linear", "dynamic", "default"],
                    help="extend the context (YaRN is what Qwen recommends)")
-    p.add_argument("--rope-factor", type=float, default=4.0)
+    p.add_argument("--rope-factor", type=finite_float, default=4.0)
     p.add_argument("--max-context", type=int, help="context limit in tokens")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompt-cache", help="a cache file: reused when it matches the prompt's "
@@ -174,7 +187,13 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load(folder, dtype=args.dtype, rope_scaling=args.rope_scaling,
                             rope_factor=args.rope_factor, max_context=args.max_context)
     if tokenizer is None:
-        raise QwenMLXError(f"{folder} has no tokenizer.json; convert it with `qwen-mlx convert`")
+        from .checkpoint.converter import TOKENIZER_HINT
+
+        if (folder / "qwen.tiktoken").is_file():
+            raise QwenMLXError(f"{folder} has no tokenizer.json: convert it with `qwen-mlx "
+                               "convert`, which writes one from its qwen.tiktoken")
+        raise QwenMLXError(f"{folder} has no tokenizer.json, and converting does not make one: "
+                           f"{TOKENIZER_HINT}")
     load_time = time.perf_counter() - started
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -12,9 +12,17 @@ and run a forward pass; on any failure no partial folder is left behind.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import functools
 import json
+import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +36,22 @@ from ..errors import QwenMLXError, WeightsError
 from .hub import resolve_model_path
 from .loader import DTYPES, list_shards, load, load_tokenizer, read_shard
 from .quantize import BITS, GROUP_SIZES, RECIPES, plan, recipe_bits
-from .weights import WeightMapper
+from .weights import WeightMapper, _is_buffer
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale partial folders are told apart by their pid alone
+    fcntl = None
 
 MAX_SHARD_BYTES = 5 * 2**30
 # Tokenizer, generation and chat-template files travel with the weights.
 SIDE_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
               "special_tokens_map.json", "added_tokens.json", "generation_config.json",
               "chat_template.jinja", "chat_template.json", "qwen.tiktoken"]
+TOKENIZER_HINT = ("copy tokenizer.json and tokenizer_config.json (and chat_template.jinja, "
+                  "if there is one) from the model's original Hugging Face repo into it")
+# Inside a partial folder: who is writing it, locked while that process lives.
+OWNER_FILE = ".qwen-mlx-convert.json"
 CHECK_PROMPTS = [
     "The capital of France is Paris. The capital of Japan is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
@@ -123,9 +140,12 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
     suffix = (rec.name if rec.high_bits else f"{rec.low_bits or bits}bit") if quantize else (
         dtype or "mlx")
     target = Path(mlx_path).expanduser() if mlx_path else Path(f"{_model_name(hf_path)}-{suffix}")
-    _check_target(target, source, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    protected = _source_folders(source)
+    _refuse_source_overlap(target, protected)
+    _clean_stale_partials(target, log)
+    _check_target(target, force)
+    partial = _Partial.create(target)
+    tmp = partial.path
     try:
         # Write at least once per input shard's worth of output, so resident
         # memory stays near one input shard plus its output, whatever the model's size.
@@ -135,20 +155,36 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
         stats = _convert_weights(files, config, writer, quantize=quantize, rec=rec, bits=bits,
                                  group_size=group_size, dtype=dtype, dequantize=dequantize,
                                  progress=progress, log=log)
-        shards = writer.finish()
+        shards = _write_output("model.safetensors.index.json", target, writer.finish)
         out_config = output_config(config, quantization=stats.quantization if quantize else None,
                                    dtype=dtype)
-        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-        _copy_side_files(source, tmp, config)
+        _write_output("config.json", target,
+                      lambda: (tmp / "config.json").write_text(json.dumps(out_config, indent=2)
+                                                               + "\n"))
+        _copy_side_files(source, tmp, config, target)
         # Float folders validate in their stored dtype (casting a half-precision
         # model to float32 doubles its memory); quantized ones in load's default,
         # since MLX's CPU quantized matmul is many times slower in half precision.
         _validate(tmp, None if quantize else (DTYPES[dtype] if dtype else stats.float_dtype))
         result_check = _check(source, tmp) if check else None
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        partial.release()
+        _move_into_place(tmp, target, force, protected, log)
+    except QwenMLXError as e:
+        partial.discard()
+        if str(tmp) in str(e):
+            # The partial folder never survives a failure: name the folder the user asked
+            # for, and the source's config.json, which the written one comes from.
+            message = str(e).replace(str(tmp / "config.json"), str(source / "config.json"))
+            raise type(e)(message.replace(str(tmp), str(target))) from None
         raise
+    except BaseException:
+        partial.discard()
+        raise
+    finally:
+        partial.close()
+    if not (target / "tokenizer.json").exists():
+        log(f"warning: {source} has no tokenizer (tokenizer.json), so {target} has none "
+            f"either and cannot encode text: {TOKENIZER_HINT}")
     size = sum(p.stat().st_size for p in target.glob("*.safetensors"))
     return ConvertResult(
         path=target, parameters=stats.parameters,
@@ -188,23 +224,27 @@ def _convert_weights(files: list[Path], config: ModelConfig, writer: "_ShardWrit
             bar.set_postfix_str(file.name, refresh=False)
             for name in list(tensors):
                 w = tensors.pop(name)  # drop our reference once it is consumed
+                origin = f"tensor '{name}' in {file}"
+                if mx.issubdtype(w.dtype, mx.floating) and not _dropped(mapper, name):
+                    # Before quantizing, which would turn NaN and inf into ordinary numbers.
+                    _check_finite(w, origin)
                 for out_name, t in mapper.add(name, w):
                     if dequantizer is not None:
                         for n, d in dequantizer.add(out_name, t):
-                            _emit_float(writer, stats, n, d, cast)
+                            _emit_float(writer, stats, n, d, cast, origin)
                     elif quantize and _is_matrix(out_name, t):
                         path = out_name[: -len(".weight")]
                         spec = plan(path, t.shape[-1], config, rec, bits, group_size)
                         if spec is None:
                             if not path.endswith((".mlp.gate", ".shared_expert_gate")):
                                 stats.kept_float.append(path)
-                            _emit_float(writer, stats, out_name, t, cast)
+                            _emit_float(writer, stats, out_name, t, cast, origin)
                             continue
-                        _emit_quantized(writer, stats, path, t, spec, cast)
+                        _emit_quantized(writer, stats, path, t, spec, cast, origin)
                         if spec[0] != default_bits:
                             stats.quantization[path] = {"group_size": spec[1], "bits": spec[0]}
                     else:
-                        _emit_float(writer, stats, out_name, t, cast)
+                        _emit_float(writer, stats, out_name, t, cast, origin)
                 bar.update(1)
     mapper.finish()
     if dequantizer is not None:
@@ -219,20 +259,69 @@ def _is_matrix(name: str, t: mx.array) -> bool:
     return name.endswith(".weight") and t.ndim >= 2 and mx.issubdtype(t.dtype, mx.floating)
 
 
-def _emit_float(writer, stats: _Stats, name: str, t: mx.array, cast) -> None:
-    if mx.issubdtype(t.dtype, mx.floating):
-        t = t.astype(cast) if cast is not None else t
-        stats.saw_float(t)
+def _dropped(mapper: WeightMapper, name: str) -> bool:
+    """Tensors the mapper discards unread: buffers and a VL checkpoint's vision tower."""
+    return _is_buffer(name) or (mapper.is_vl and name.startswith(
+        ("visual.", "model.visual.", "vision_tower.")))
+
+
+# Checked in slices of this many values, so the check's boolean temporary stays small
+# beside a large embedding.
+_FINITE_CHUNK = 1 << 23
+
+
+def _check_finite(t: mx.array, origin: str, problem: str | None = None) -> None:
+    """Refuse a float tensor holding NaN or infinite values, naming it and its file.
+
+    `problem` replaces the default diagnosis (a corrupt checkpoint) when the values
+    were finite in the source and became infinite here.
+    """
+    flat = t.reshape(-1)
+    starts = range(0, flat.size, _FINITE_CHUNK)
+    flags = [mx.all(mx.isfinite(flat[i:i + _FINITE_CHUNK])) for i in starts]
+    if all(bool(f.item()) for f in flags):
+        return
+    bad = sum(int(mx.sum(mx.logical_not(mx.isfinite(flat[i:i + _FINITE_CHUNK]))).item())
+              for i in starts)
+    raise WeightsError(f"{origin} " + (problem or "holds") + f" {bad} NaN or infinite "
+                       f"value(s) among {flat.size}" + (
+                           "" if problem else ": the checkpoint is corrupt; download or "
+                           "export it again"))
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).rpartition(".")[2]
+
+
+def _emit_float(writer, stats: _Stats, name: str, t: mx.array, cast, origin: str) -> None:
+    if not mx.issubdtype(t.dtype, mx.floating):
+        # Every unquantized weight of a Qwen model is floating point: an integer one
+        # would be cast or run as garbage.
+        shown = origin if name in origin else f"{origin} (as '{name}')"
+        raise WeightsError(
+            f"{shown} has dtype {_dtype_name(t.dtype)}, but model weights are floating point "
+            "(float32, bfloat16 or float16): the checkpoint is corrupt or was not saved as a "
+            "float model; export it again")
+    if cast is not None and cast != t.dtype:
+        t = t.astype(cast)
+        _check_finite(t, origin, f"does not fit {_dtype_name(cast)} (choose a wider --dtype): "
+                                 "the cast gives")
+    stats.saw_float(t)
     if not name.endswith(("scales", "biases")):
         stats.parameters += t.size
     writer.add(name, t)
 
 
-def _emit_quantized(writer, stats: _Stats, path: str, t: mx.array, spec, cast) -> None:
+def _emit_quantized(writer, stats: _Stats, path: str, t: mx.array, spec, cast,
+                    origin: str) -> None:
     if cast is not None:
         t = t.astype(cast)
     stats.parameters += t.size
     w, scales, biases = mx.quantize(t, group_size=spec[1], bits=spec[0])
+    # Values beyond the scales' dtype give infinite scales: the weights would decode as garbage.
+    for part, values in (("scales", scales), ("biases", biases)):
+        _check_finite(values, origin, f"does not quantize in {_dtype_name(values.dtype)} "
+                                      f"(choose a wider --dtype): its {part} get")
     stats.saw_float(scales)
     writer.add(f"{path}.weight", w)
     writer.add(f"{path}.scales", scales)
@@ -384,24 +473,41 @@ def output_config(config: ModelConfig, *, quantization: dict | None, dtype: str 
     return out
 
 
-def _copy_side_files(source: Path, dst: Path, config: ModelConfig) -> None:
+def _copy_side_files(source: Path, dst: Path, config: ModelConfig, target: Path) -> None:
     qwen1_tiktoken = source / "qwen.tiktoken"
     for name in SIDE_FILES:
         if (source / name).exists():
             if config.family == "qwen" and name == "tokenizer_config.json" and (
                     not (source / "tokenizer.json").exists()):
                 continue  # Qwen1's points at remote code; we write our own below
-            shutil.copy2(source / name, dst / name)
+            _write_output(name, target, lambda: shutil.copy2(source / name, dst / name))
     if not (source / "tokenizer.json").exists() and qwen1_tiktoken.exists():
         from ..text.tiktoken import write_qwen1_tokenizer
 
-        write_qwen1_tokenizer(qwen1_tiktoken, dst,
-                              model_max_length=config.raw.get("seq_length"))
+        _write_output("tokenizer.json", target, lambda: write_qwen1_tokenizer(
+            qwen1_tiktoken, dst, model_max_length=config.raw.get("seq_length")))
+
+
+def _write_output(name: str, target: Path, write: Callable[[], Any]) -> Any:
+    """Run `write`, turning an OSError into a message naming the file and the target."""
+    try:
+        return write()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise QwenMLXError(
+                f"no space left on the device holding {target.parent} while writing {name}: "
+                "free some space or choose another output folder; nothing was written") from None
+        raise QwenMLXError(f"cannot write {name} for {target}: {e.strerror or e}; nothing "
+                           "was written") from None
 
 
 def _validate(folder: Path, dtype: mx.Dtype | None) -> None:
     """Load the result and run one forward pass before it replaces anything."""
-    model, _ = load(folder, dtype=dtype)
+    try:
+        model, _ = load(folder, dtype=dtype)
+    except QwenMLXError as e:
+        raise type(e)(f"{folder}: the converted model does not load, so nothing was written "
+                      f"there: {e}") from None
     logits = model(mx.array([[0, 1, 2]]))
     mx.eval(logits)
     if not bool(mx.all(mx.isfinite(logits)).item()):
@@ -443,24 +549,300 @@ def _log_softmax(logits: mx.array) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _check_target(target: Path, source: Path, force: bool) -> None:
-    if target.resolve() == source.resolve():
-        raise QwenMLXError(f"{target} is the source folder; choose another output folder")
-    if target.exists():
+def _source_folders(source: Path) -> list[Path]:
+    """Every folder the source's files live in, resolved: a replaced target must hold none.
+
+    A hub snapshot's files are links into the cache's blobs, so that folder counts,
+    and so does the repo's cache folder (blobs, refs and snapshots) as a whole.
+    """
+    real = source.resolve()
+    folders = {f.resolve().parent for f in source.iterdir() if f.is_file()} - {real}
+    if real.parent.name == "snapshots":
+        folders.add(real.parent.parent)
+    return [real, *sorted(folders)]
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _refuse_source_overlap(target: Path, protected: list[Path]) -> None:
+    """Refuse a target that is the source, holds it, or lies inside it (links followed).
+
+    `protected` is `_source_folders`: the source first, then where its files live.
+    """
+    real = target.resolve()
+    # By identity, not by name: symlinks, bind mounts and case-insensitive names agree.
+    for folder in protected:
+        if _same(real, folder):
+            what = "is the source folder" if folder == protected[0] else "holds the source's files"
+            raise QwenMLXError(f"{target} {what} ({folder}); choose another output folder")
+    for folder in protected:
+        if any(_same(real, up) for up in folder.parents):
+            raise QwenMLXError(f"{target} contains the source ({folder}): replacing it would "
+                               "delete the source; choose an output folder outside it")
+    for folder in protected:
+        if any(_same(up, folder) for up in real.parents):
+            raise QwenMLXError(f"{target} is inside the source folder {folder}; choose an "
+                               "output folder outside it")
+
+
+def _check_target(target: Path, force: bool) -> None:
+    if target.is_symlink() or target.exists():
         if not target.is_dir():
             raise QwenMLXError(f"{target} exists and is not a folder")
         if not force:
             raise QwenMLXError(f"{target} already exists; pass --force to replace it")
+        if os.path.ismount(target):
+            raise QwenMLXError(f"{target} is a mount point, which cannot be replaced: convert "
+                               f"into a folder inside it instead, e.g. {target / target.name}")
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{int(time.time())}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
+class _Partial:
+    """The hidden folder a conversion writes into, beside the target.
+
+    It holds OWNER_FILE, recording the process and locked while it lives, so the
+    next conversion into the same target can tell a killed one's leftovers from a
+    running one's and remove only the former.
+    """
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def create(cls, target: Path) -> "_Partial":
+        parent = target.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            for _ in range(100):
+                path = parent / f".{target.name}.{secrets.token_hex(4)}.partial"
+                try:
+                    os.mkdir(path, 0o777)  # honours the umask, where mkdtemp gives 0o700
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise QwenMLXError(f"cannot find a free temporary name in {parent}")
+        except OSError as e:
+            raise QwenMLXError(f"cannot create the output folder {target}: {parent} is not "
+                               f"writable ({e.strerror or e}); choose another output "
+                               "folder") from None
+        try:
+            return cls(path, _write_owner(path, target))
+        except OSError as e:
+            shutil.rmtree(path, ignore_errors=True)
+            raise QwenMLXError(f"cannot write into {parent} ({e.strerror or e}); choose "
+                               "another output folder") from None
+
+    def release(self) -> None:
+        """Remove the owner record, which must not travel into the target."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path / OWNER_FILE)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the lock
+            self._fd = None
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), which tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _write_owner(folder: Path, target: Path) -> int | None:
+    """Write and lock the owner record; the lock is held until the returned fd closes."""
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "target": target.name,
+              "started": _process_start(os.getpid())}
+    tmp = folder / (OWNER_FILE + ".tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps(record).encode())
+    # Renamed in only once locked: a record that can be locked belongs to a dead process.
+    os.rename(tmp, folder / OWNER_FILE)
+    return fd
+
+
+def _owner_alive(fd: int, record: dict) -> bool:
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False  # the lock dies with its process, whatever became of the pid
+    if record.get("host") != socket.gethostname():
+        return True  # another machine's process: we cannot tell
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, KeyError, TypeError, ValueError):
+        return True
+    return _process_start(int(record["pid"])) in (None, record.get("started"))
+
+
+def _clean_stale_partials(target: Path, log: Callable[[str], None]) -> None:
+    """Remove partial folders left by killed conversions into `target`; say so."""
+    # The random part is 8 characters: mkdtemp's alphabet (older versions) or hex.
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.partial")
+    try:
+        entries = [p for p in target.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return
+    for folder in entries:
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            fd = os.open(folder / OWNER_FILE, os.O_RDWR)
+        except FileNotFoundError:
+            log(f"note: {folder} looks left over from an interrupted conversion (it names no "
+                f"owner); remove it if no conversion into {target} is running")
+            continue
+        except OSError:
+            continue
+        try:
+            try:
+                record = json.loads(os.read(fd, 4096) or b"{}")
+            except ValueError:
+                record = {}
+            if not isinstance(record, dict) or record.get("target", target.name) != target.name:
+                continue
+            if _owner_alive(fd, record):
+                continue  # a conversion into the same target is running now
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                log(f"removed {folder}: a conversion into {target} (process "
+                    f"{record.get('pid', '?')}) stopped before finishing")
+        finally:
+            os.close(fd)
+
+
+# renameat2(2) on Linux, renamex_np(2) on macOS: renames that never replace by accident.
+_AT_FDCWD = -100
+_RENAME_FLAGS = {"linux": {"noreplace": 1, "exchange": 2},
+                 "darwin": {"noreplace": 0x4, "exchange": 0x2}}
+
+
+@functools.lru_cache(maxsize=1)
+def _rename_call():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform.startswith("linux"):
+            return "linux", libc.renameat2
+        if sys.platform == "darwin":
+            return "darwin", libc.renamex_np
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+def _atomic_rename(src: Path, dst: Path, mode: str) -> bool:
+    """Rename `src` to `dst` with `mode` ("noreplace" or "exchange") in one system call.
+
+    Returns False where the system or the file system cannot; raises OSError
+    (FileExistsError for "noreplace" onto anything) otherwise.
+    """
+    call = _rename_call()
+    if call is None:
+        return False
+    kind, fn = call
+    a, b = os.fsencode(src), os.fsencode(dst)
+    flags = _RENAME_FLAGS[kind][mode]
+    rc = fn(_AT_FDCWD, a, _AT_FDCWD, b, flags) if kind == "linux" else fn(a, b, flags)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename the folder `src` to `dst`; FileExistsError if anything is at `dst`."""
+    if _atomic_rename(src, dst, "noreplace"):
+        return
+    if os.name == "nt":
+        os.rename(src, dst)  # never replaces on Windows
+        return
+    # POSIX rename(2) would replace an empty folder: claim the name with mkdir,
+    # which fails on anything there, then rename over our own empty claim.
+    os.mkdir(dst)
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)  # only while it is still our empty claim
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(e.errno, e.strerror, str(dst)) from None
+        raise
+
+
+def _move_into_place(tmp: Path, target: Path, force: bool, protected: list[Path],
+                     log: Callable[[str], None]) -> None:
+    """Rename the finished folder to `target`, never replacing what `force` does not allow."""
+    try:
+        try:
+            _rename_noreplace(tmp, target)
+            return
+        except FileExistsError:
+            if not force:
+                raise QwenMLXError(
+                    f"{target} already exists: it appeared while converting (another "
+                    "conversion into it?) and was left as it is; pass --force to replace it, "
+                    "or choose another output folder") from None
+        # What is there now may not be what was checked at the start.
+        _refuse_source_overlap(target, protected)
+        _check_target(target, force=True)
+        if _atomic_rename(tmp, target, "exchange"):
+            _remove_replaced(tmp, log)  # tmp now holds the replaced folder
+            return
+        old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old")
+        os.rename(target, old)
+        try:
+            _rename_noreplace(tmp, target)
+        except BaseException:
+            try:
+                _rename_noreplace(old, target)
+            except OSError:
+                raise QwenMLXError(f"{target} changed while it was being replaced; the folder "
+                                   f"it held is kept at {old}") from None
+            raise
+        _remove_replaced(old, log)
+    except FileExistsError:
+        raise QwenMLXError(f"{target} reappeared while it was being replaced (another "
+                           "conversion into it?); it was left as it is") from None
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise QwenMLXError(f"{target} is a mount point or in use, so it cannot be "
+                               "replaced: convert into a folder inside it, or another "
+                               "one") from None
+        raise QwenMLXError(f"cannot move the converted model into {target}: "
+                           f"{e.strerror or e}; nothing was written") from None
+
+
+def _remove_replaced(path: Path, log: Callable[[str], None]) -> None:
+    """Delete the folder --force replaced (a replaced link only loses the link)."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    errors: list[str] = []
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda fn, p, exc: errors.append(f"{p}: {exc}"))
     else:
-        tmp.rename(target)
+        shutil.rmtree(path, onerror=lambda fn, p, exc: errors.append(f"{p}: {exc[1]}"))
+    if errors:
+        log(f"warning: the replaced folder's old files could not all be removed ({errors[0]}); "
+            f"delete {path} by hand")
 
 
 def _model_name(source: str | Path) -> str:
