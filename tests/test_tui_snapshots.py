@@ -8,13 +8,21 @@ the clock is frozen too. Update with: pytest tests/test_tui_snapshots.py --snaps
 from __future__ import annotations
 
 import json
+import time
+from typing import Callable
 
 import pytest
+from textual.widgets import TextArea
 
 import qwen_mlx
 from conftest import build_checkpoint, write_tiny_tokenizer
 from tui.app import ChatApp
+from tui.context import history_length
+from tui.screens.settings import SettingsScreen
 from tui.store import ChatStore
+from tui.text import clean
+from tui.widgets.messages import AssistantMessage
+from tui.widgets.status import ContextMeter
 
 SIZES = [(80, 24), (100, 30)]
 STATS = {"ttft": 0.21, "prompt_tokens": 14, "cached_tokens": 0, "prompt_tps": 812.0,
@@ -56,24 +64,72 @@ def app_with_a_finished_chat(tiny, data_dir) -> ChatApp:
                    clock=lambda: 0.0)
 
 
-async def settle(pilot) -> None:
-    """Let the context measurement (a worker) land before the picture."""
-    await pilot.app.workers.wait_for_complete()
+async def settle(pilot, ready: Callable[[], bool], what: str) -> None:
+    """Wait until `ready()` holds with no worker left running, then stop the cursors
+    blinking (whether a blinking cursor shows depends on when the picture is taken,
+    which a busy machine makes random). Never a fixed sleep: a condition, polled."""
+    app = pilot.app
+    deadline = time.monotonic() + 60
+    while True:
+        await app.workers.wait_for_complete()
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause()
+        if ready() and not any(w.is_running for w in app.workers):
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+    for widget in app.screen.query("TextArea, Input"):
+        widget.cursor_blink = False
     await pilot.pause()
+
+
+def chat_shown(app: ChatApp) -> bool:
+    """The saved chat is on screen, its Markdown rendered and its context measured."""
+    chat = app.chat
+    if chat.record is None or chat.record.id != "snapshot" or app.screen is not chat:
+        return False
+    widgets = chat.conversation.messages
+    replies = [w for w in widgets if isinstance(w, AssistantMessage)]
+    meter = chat.query_one(ContextMeter)
+    expected = history_length(app.tokenizer, chat.record.messages, enable_thinking=None)
+    return (len(widgets) == 4 and meter.state is not None and meter.state.used == expected
+            and all(r.body.source == clean(r.answer) and r.body.children for r in replies))
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_main_screen(snap_compare, tiny, tmp_path, size):
+    async def shown(pilot) -> None:
+        await settle(pilot, lambda: chat_shown(pilot.app), "the chat")
+
     assert snap_compare(app_with_a_finished_chat(tiny, tmp_path), terminal_size=size,
-                        run_before=settle)
+                        run_before=shown)
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", SIZES + [(50, 24)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_settings_screen(snap_compare, tiny, tmp_path, size):
+    # 50 columns: each pair of fields takes two lines instead of being cut off.
     async def open_settings(pilot) -> None:
-        await settle(pilot)
+        app = pilot.app
+        await settle(pilot, lambda: chat_shown(app), "the chat")
         await pilot.press("f2")
-        await pilot.pause()
+
+        def ready() -> bool:
+            if not isinstance(app.screen, SettingsScreen):
+                return False
+            prompt = app.screen.query_one("#system_prompt", TextArea)
+            return (prompt.has_focus and prompt.text == "Be brief."
+                    and prompt.cursor_location == prompt.document.end)
+
+        await settle(pilot, ready, "the settings dialog")
 
     assert snap_compare(app_with_a_finished_chat(tiny, tmp_path), terminal_size=size,
                         run_before=open_settings)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def report_under_tmp(request, tmp_path_factory):
+    """A failed snapshot's HTML report goes under pytest's temporary folder, not into
+    the working directory (unless --snapshot-report names a place)."""
+    option = request.config.option
+    if getattr(option, "snapshot_report", None) == "snapshot_report.html":
+        option.snapshot_report = str(tmp_path_factory.getbasetemp() / "snapshot_report.html")
