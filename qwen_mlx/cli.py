@@ -172,16 +172,29 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     import time
 
-    from .model.cache import load_prompt_cache, save_prompt_cache
-    from .generate.generation import reuse_cache, stream_generate
     from .checkpoint.hub import resolve_model_path
     from .checkpoint.loader import load
+    from .generate.generation import check_cache_options, reuse_cache, stream_generate
+    from .generate.prompt_cache import (check_writable, model_fingerprint, open_prompt_cache,
+                                        write_prompt_cache)
+    from .generate.sampling import SamplingParams
 
     text = _read_prompt(args)
     for name in ("max_tokens", "prefill_step_size", "max_kv_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise QwenMLXError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    # The flags' own checks (NaN penalties, a negative seed), before a model loads; the
+    # checkpoint's defaults fill in whatever is not given.
+    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "min_p",
+                                           "repetition_penalty", "presence_penalty",
+                                           "frequency_penalty", "seed")}
+    try:
+        SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
+    except QwenMLXError as e:
+        raise QwenMLXError(f"--{str(e).replace('_', '-')}") from None
+    if args.prompt_cache:
+        check_writable(args.prompt_cache)  # now, not after the text is printed
     folder = resolve_model_path(args.model, revision=args.revision)
     started = time.perf_counter()
     model, tokenizer = load(folder, dtype=args.dtype, rope_scaling=args.rope_scaling,
@@ -194,6 +207,10 @@ def run_generate(args: argparse.Namespace) -> int:
                                "convert`, which writes one from its qwen.tiktoken")
         raise QwenMLXError(f"{folder} has no tokenizer.json, and converting does not make one: "
                            f"{TOKENIZER_HINT}")
+    try:
+        check_cache_options(model, args.kv_bits, args.max_kv_size)
+    except QwenMLXError as e:
+        raise QwenMLXError(f"--{str(e).replace('_', '-')}") from None
     load_time = time.perf_counter() - started
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -202,14 +219,16 @@ def run_generate(args: argparse.Namespace) -> int:
                                             enable_thinking=args.enable_thinking)
     else:
         ids = tokenizer.encode(text, special=True)
-    cache, cached = None, []
-    if args.prompt_cache and Path(args.prompt_cache).exists():
-        cache, meta = load_prompt_cache(args.prompt_cache)
-        cached = [int(t) for t in meta.get("tokens", "").split()]
-        if meta.get("model") != str(folder.resolve()) or len(cache) != model.config.num_layers:
-            cache, cached = None, []  # another model's cache: start fresh
-    if cache is None:
-        cache = model.make_cache(kv_bits=args.kv_bits, max_kv_size=args.max_kv_size)
+    options = dict(kv_bits=args.kv_bits, max_kv_size=args.max_kv_size)
+    cached: list[int] = []
+    if args.prompt_cache:
+        fingerprint = model_fingerprint(model, folder)
+        cache, cached, notice = open_prompt_cache(args.prompt_cache, model,
+                                                  fingerprint=fingerprint, **options)
+        if notice:
+            print(f"qwen-mlx: warning: {notice}", file=sys.stderr)
+    else:
+        cache = model.make_cache(**options)
     cached, new = reuse_cache(cache, cached, ids)
     color = sys.stdout.isatty()
     phase, last, generated = None, None, []
@@ -235,8 +254,7 @@ def run_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     if args.prompt_cache:
         held = (cached + new + generated)[: cache[0].offset]
-        save_prompt_cache(args.prompt_cache, cache, {"tokens": " ".join(map(str, held)),
-                                                     "model": str(folder.resolve())})
+        write_prompt_cache(args.prompt_cache, cache, held, fingerprint=fingerprint, **options)
     if last is not None:
         print(f"load {load_time:.1f} s | prompt {last.prompt_tokens} tokens"
               f" ({last.cached_tokens} cached), TTFT {last.ttft:.2f} s, "
@@ -247,13 +265,25 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from .checkpoint.models import prepare_model
+    from .checkpoint.models import DEFAULT_MODEL, prepare_model
 
+    # Without a terminal the UI can neither draw nor read keys (and would spin).
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise QwenMLXError("chat needs a terminal (stdin and stdout); for a reply without "
+                           "one, use `qwen-mlx generate -m MODEL PROMPT`")
     folder = prepare_model(args.model, revision=args.revision)
+    # What the window would only report after opening: no config, no tokenizer.
+    from .model.config import ModelConfig
+    from .text.tokenizer import QwenTokenizer
+
+    ModelConfig.from_file(folder / "config.json")
+    QwenTokenizer.from_folder(folder)
+    source = args.model or DEFAULT_MODEL
+    name = folder.name if Path(source).expanduser().exists() else source
     from tui.app import run_chat as run_app
 
     run_app(folder, rope_scaling=args.rope_scaling, rope_factor=args.rope_factor,
-            max_context=args.max_context)
+            max_context=args.max_context, model_name=name)
     return 0
 
 

@@ -76,3 +76,31 @@ def test_defaults_precedence():
     assert generation_config_defaults({"do_sample": False})["temperature"] == 0.0
     with pytest.raises(Exception, match="top_p"):
         resolve_sampling(family="qwen2", thinking=True, generation_config={}, top_p=0)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "0.7"),
+    ("top_p", float("nan")), ("top_k", 2.5), ("top_k", "20"), ("top_k", True),
+    ("min_p", float("nan")), ("repetition_penalty", float("inf")),
+    ("presence_penalty", float("nan")), ("frequency_penalty", float("-inf")),
+    ("presence_penalty", "1"), ("seed", -1), ("seed", 2 ** 64), ("seed", 1.0),
+])
+def test_every_sampling_field_is_checked(field, value):
+    with pytest.raises(Exception, match=field):
+        SamplingParams(**{field: value}).validate()
+    with pytest.raises(Exception, match=f"gen.json: {field}"):
+        if field == "seed":
+            SamplingParams(seed=value).validate("gen.json")
+        else:
+            generation_config_defaults({field: value}, "gen.json")
+
+
+def test_ids_past_the_allowed_ones_are_never_sampled():
+    logits = np.zeros((1, V), np.float32)
+    logits[0, 45] = 100.0  # a padding row would win
+    for params in (SamplingParams(temperature=0.0),
+                   SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=0)):
+        s = Sampler(params, V, allowed=40)
+        draws = [int(s(mx.array(logits)).item()) for _ in range(50)]
+        assert max(draws) < 40
+    assert int(Sampler(SamplingParams(temperature=0.0), V)(mx.array(logits)).item()) == 45

@@ -6,10 +6,14 @@ text when a token closes a reasoning block), with live statistics.
 what is new, and after a reply it re-renders the history as the template
 will show it next turn (Qwen3 drops earlier reasoning), so the next turn's
 prompt again shares everything but its new message with the cache.
+
+Both run their MLX work on the library's one MLX thread (see `worker`), so calling
+them from many threads leaves no idle OS threads behind.
 """
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from dataclasses import dataclass
@@ -18,8 +22,11 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 
 from ..errors import QwenMLXError
-from .sampling import Sampler, generation_config_defaults, resolve_sampling
+from ..model.cache import KV_BITS, KVCache, restore_cache, snapshot_cache
 from ..text.thinking import ThinkingParser, thinking_enabled
+from ..text.tokenizer import check_fits_model
+from .sampling import Sampler, generation_config_defaults, resolve_sampling
+from .worker import WORKER
 
 # MLX streams belong to one thread: this one exists in whichever thread generates.
 _STREAM = mx.new_thread_local_stream(mx.default_device())
@@ -77,9 +84,57 @@ def _cancelled(cancel: threading.Event | Callable[[], bool] | None) -> bool:
     return cancel.is_set() if isinstance(cancel, threading.Event) else bool(cancel())
 
 
+def _or_stopped(cancel, stopped: Callable[[], bool]) -> Callable[[], bool]:
+    """A cancel check that is also true once the consumer went away (see worker.iterate)."""
+    return lambda: stopped() or _cancelled(cancel)
+
+
+def _cache_arrays(cache: list) -> list:
+    return [a for c in cache for part in c.state() if part is not None
+            for a in (part if isinstance(part, tuple) else (part,))]
+
+
 def _eval_cache(cache: list) -> None:
-    mx.eval([a for c in cache for part in c.state() if part is not None
-             for a in (part if isinstance(part, tuple) else (part,))])
+    mx.eval(_cache_arrays(cache))
+
+
+def check_token_ids(ids: Sequence[Any], rows: int) -> list[int]:
+    """`ids` as ints, each checked to be a row of the model's embedding (0 to rows - 1).
+
+    An id past the embedding would read outside it: a crash or silent garbage."""
+    out = []
+    for i, t in enumerate(ids):
+        if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+            raise QwenMLXError(f"the prompt's token {i} is {t!r}, not a token id")
+        t = int(t)
+        if not 0 <= t < rows:
+            raise QwenMLXError(f"token id {t} (position {i} of the prompt) is outside the "
+                               f"model's vocabulary: ids run from 0 to {rows - 1}")
+        out.append(t)
+    return out
+
+
+def check_cache_options(model, kv_bits: Any = None, max_kv_size: Any = None) -> None:
+    """Refuse KV-cache options the cache cannot honour, before anything runs."""
+    if kv_bits is not None:
+        if (not isinstance(kv_bits, numbers.Integral) or isinstance(kv_bits, bool)
+                or kv_bits not in KV_BITS):
+            raise QwenMLXError(f"kv_bits {kv_bits!r} is not supported: choose "
+                               f"{' or '.join(map(str, KV_BITS))}, or none for a float cache")
+        head = model.config.head_dim
+        if head % 32:
+            raise QwenMLXError(
+                f"kv_bits {kv_bits}: this model's KV cache cannot be quantized, since its head "
+                f"size {head} is not a multiple of 32 (the quantizer's smallest group); "
+                "leave the cache unquantized")
+    if max_kv_size is not None and (not isinstance(max_kv_size, numbers.Integral)
+                                    or isinstance(max_kv_size, bool) or max_kv_size < 1):
+        raise QwenMLXError(f"max_kv_size must be a whole number of positions, at least 1, "
+                           f"got {max_kv_size!r}")
+
+
+def _sampling_origin(tokenizer) -> str:
+    return getattr(tokenizer, "generation_config_origin", "generation_config.json")
 
 
 def prefill(model, tokens: Sequence[int], cache: list, *, step: int = 512,
@@ -100,10 +155,13 @@ def prefill(model, tokens: Sequence[int], cache: list, *, step: int = 512,
 
 def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler, *,
                     max_tokens: int, prefill_step_size: int = 512,
-                    prompt_length: int | None = None, cancel=None) -> Iterator[int]:
+                    prompt_length: int | None = None, cancel=None,
+                    mark: int | None = None, on_mark: Callable[[], None] | None = None,
+                    ) -> Iterator[int]:
     """Yield sampled token ids; the cache ends holding the prompt and every yielded token
     except, when `max_tokens` runs out, the last one. `cancel` can stop a long prefill
-    between chunks (then nothing is yielded)."""
+    between chunks (then nothing is yielded). `on_mark` is called once the cache holds
+    the first `mark` prompt tokens (at most all but the last)."""
     if not prompt:
         raise QwenMLXError("the prompt is empty: give at least one token")
     if max_tokens < 1:
@@ -112,7 +170,14 @@ def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler,
     # Everything but the last token only fills the cache: evaluating just the
     # keys and values lets MLX skip the last layer's attention and MLP there,
     # and the vocabulary projection runs for one position.
-    if not prefill(model, prompt[:-1], cache, step=prefill_step_size, prompt_length=total,
+    head = list(prompt[:-1])
+    if on_mark is not None and mark is not None and 0 <= mark <= len(head):
+        if not prefill(model, head[:mark], cache, step=prefill_step_size, prompt_length=total,
+                       cancel=cancel):
+            return
+        on_mark()
+        head = head[mark:]
+    if not prefill(model, head, cache, step=prefill_step_size, prompt_length=total,
                    cancel=cancel):
         return
 
@@ -147,30 +212,40 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
     """Stream a reply to `prompt`: raw text, token ids, or chat messages.
 
     Text is encoded as is (special-token strings in it are honoured); a list of
-    message dicts goes through the chat template with a generation prompt. With
-    `prompt_cache`, the prompt continues what the cache already holds.
-    `cancel` (an Event or a callable) stops generation between tokens;
-    `tokens_out` receives every sampled id, the final eos included.
+    message dicts goes through the chat template with a generation prompt; token
+    ids must be rows of the model's embedding. With `prompt_cache`, the prompt
+    continues what the cache already holds. `cancel` (an Event or a callable)
+    stops generation between tokens; `tokens_out` receives every sampled id, the
+    final eos included. The work runs on the library's MLX thread (see `worker`).
     """
-    messages = None
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt, special=True)
-    elif prompt and isinstance(prompt[0], dict):
-        messages = list(prompt)
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                            enable_thinking=enable_thinking)
-    else:
-        ids = list(prompt)
-    cache = prompt_cache if prompt_cache is not None else model.make_cache(
-        kv_bits=kv_bits, max_kv_size=max_kv_size)
-    thinking = (thinking_enabled(messages, enable_thinking) if messages is not None
-                else enable_thinking is not False)
+    if prompt_cache is not None:
+        # Arrays made lazily on this thread cannot be evaluated on the MLX thread.
+        _eval_cache(prompt_cache)
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                     repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                     frequency_penalty=frequency_penalty, seed=seed)
-    yield from _stream(model, tokenizer, ids, cache, context=ids, thinking=thinking,
+
+    def run(stopped: Callable[[], bool]) -> Iterator[GenerationResponse]:
+        check_cache_options(model, kv_bits, max_kv_size)
+        messages = None
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt, special=True)
+        elif prompt and isinstance(prompt[0], dict):
+            messages = list(prompt)
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                enable_thinking=enable_thinking)
+        else:
+            ids = list(prompt)
+        cache = prompt_cache if prompt_cache is not None else model.make_cache(
+            kv_bits=kv_bits, max_kv_size=max_kv_size)
+        thinking = (thinking_enabled(messages, enable_thinking) if messages is not None
+                    else enable_thinking is not False)
+        return _stream(model, tokenizer, ids, cache, context=ids, thinking=thinking,
                        max_tokens=max_tokens, stop=stop, prefill_step_size=prefill_step_size,
-                       cancel=cancel, sampling=sampling, tokens_out=tokens_out)
+                       cancel=_or_stopped(cancel, stopped), sampling=sampling,
+                       tokens_out=tokens_out)
+
+    yield from WORKER.iterate(run)
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], **options) -> str:
@@ -188,10 +263,16 @@ def _opens_thinking(tokenizer, ids: Sequence[int]) -> bool:
 def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: Sequence[int],
             thinking: bool, max_tokens: int, stop: Sequence[str], prefill_step_size: int,
             cancel, sampling: dict, tokens_out: list[int] | None = None,
+            mark: int | None = None, on_mark: Callable[[], None] | None = None,
             ) -> Iterator[GenerationResponse]:
     """Generate after `new_ids`; `context` is the whole prompt the cache will then hold.
     Every sampled id, the final eos included, is appended to `tokens_out`."""
     started = time.perf_counter()
+    rows = model.config.vocab_size
+    check_fits_model(tokenizer, rows, getattr(tokenizer, "origin", None))
+    same = context is new_ids
+    new_ids = check_token_ids(new_ids, rows)
+    context = new_ids if same else check_token_ids(context, rows)
     cached = cache[0].offset
     limit = getattr(model, "max_context", None)
     if limit and cached + len(new_ids) >= limit:
@@ -200,10 +281,11 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             f"{limit}; shorten it, raise --max-context, or extend the context with "
             "--rope-scaling yarn")
     max_tokens = min(max_tokens, limit - cached - len(new_ids)) if limit else max_tokens
-    defaults = generation_config_defaults(tokenizer.generation_config)
+    defaults = generation_config_defaults(tokenizer.generation_config, _sampling_origin(tokenizer))
     params = resolve_sampling(family=model.config.family, thinking=thinking,
                               generation_config=defaults, **sampling)
-    sampler = Sampler(params, model.config.vocab_size, prompt=list(context))
+    sampler = Sampler(params, rows, prompt=list(context),
+                      allowed=getattr(tokenizer, "id_limit", None))
     detok = tokenizer.detokenizer()
     parser = ThinkingParser(in_thinking=_opens_thinking(tokenizer, context))
     stops = StopMatcher(stop)
@@ -226,7 +308,8 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
     finish = "length"
     for token in generate_tokens(model, list(new_ids), cache, sampler, max_tokens=max_tokens,
                                  prefill_step_size=prefill_step_size,
-                                 prompt_length=len(context), cancel=cancel):
+                                 prompt_length=len(context), cancel=cancel, mark=mark,
+                                 on_mark=on_mark):
         if first is None:
             first = time.perf_counter()
         n += 1
@@ -252,6 +335,8 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             finish = "cancelled"  # during the prefill
         elif limit and cache[0].offset + 1 >= limit:
             finish = "context"
+    # The caller's thread may read or reuse the cache next: leave nothing in flight.
+    _eval_cache(cache)
     tail = stops.flush() if finish != "stop" else ""
     tail += detok.finalize() if finish != "stop" else ""
     pieces = (parser.feed(tail) if tail else []) + parser.flush()
@@ -265,7 +350,17 @@ def clear_cache(cache: list) -> None:
     """Empty every layer's cache."""
     for c in cache:
         if not c.trim(c.offset):
-            c.restore(None, None, 0)
+            c.set_state(None, None, 0)
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the common prefix of `a` and `b`."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def reuse_cache(cache: list, cached: list[int], ids: list[int], *,
@@ -276,11 +371,7 @@ def reuse_cache(cache: list, cached: list[int], ids: list[int], *,
     `keep_one`, at least one id is left to run, since the last prompt token
     must run to give the first logits.
     """
-    common = 0
-    for a, b in zip(cached, ids):
-        if a != b:
-            break
-        common += 1
+    common = _shared(cached, ids)
     if keep_one and common == len(ids):
         common -= 1
     drop = len(cached) - common
@@ -291,12 +382,20 @@ def reuse_cache(cache: list, cached: list[int], ids: list[int], *,
 
 
 class ChatSession:
-    """A conversation with its KV cache, reused across turns, regenerations and edits."""
+    """A conversation with its KV cache, reused across turns, regenerations and edits.
+
+    A turn that fails (an error, or a cancel before the first token) leaves the history
+    as it was; a reply that was stopped or cut short is kept as far as it got. The MLX
+    work runs on the library's MLX thread (see `worker`).
+    """
 
     def __init__(self, model, tokenizer, *, system: str | None = None,
                  enable_thinking: bool | None = None, tools: list | None = None,
                  kv_bits: int | None = None, max_kv_size: int | None = None,
                  prefill_step_size: int = 512, messages: list[dict] | None = None):
+        check_cache_options(model, kv_bits, max_kv_size)
+        # A bad generation_config.json shows now, not at the first message.
+        generation_config_defaults(tokenizer.generation_config, _sampling_origin(tokenizer))
         self.model, self.tokenizer = model, tokenizer
         self.enable_thinking, self.tools = enable_thinking, tools
         self.prefill_step_size = prefill_step_size
@@ -305,39 +404,94 @@ class ChatSession:
             self.messages.insert(0, {"role": "system", "content": system})
         self.cache = model.make_cache(kv_bits=kv_bits, max_kv_size=max_kv_size)
         self.cached: list[int] = []  # the token ids whose keys and values the cache holds
+        # Layers that cannot trim (rotating ones once they dropped a position, linear
+        # attention's state) are snapshotted where the next turn's prompt will part from
+        # this one's: (the ids held then, the snapshots).
+        self._snapshot: tuple[list[int], list] | None = None
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt,
             enable_thinking=self.enable_thinking, tools=self.tools)
 
+    def _sync(self) -> None:
+        """Make `cached` and the cache agree (after a turn that failed part way)."""
+        offset = self.cache[0].offset
+        if offset < len(self.cached):
+            self.cached = self.cached[:offset]
+        elif offset > len(self.cached):
+            extra = offset - len(self.cached)
+            if not all(c.trim(extra) for c in self.cache):
+                self.reset_cache()
+
     def _reuse(self, ids: list[int], *, keep_one: bool) -> list[int]:
-        self.cached, new = reuse_cache(self.cache, self.cached, ids, keep_one=keep_one)
-        return new
+        """Bring the cache to the longest prefix of `ids` it can hold; the ids left to run."""
+        self._sync()
+        common = _shared(self.cached, ids)
+        if keep_one and common == len(ids):
+            common -= 1
+        drop = len(self.cached) - common
+        if drop:
+            if not all([c.trim(drop) for c in self.cache]):  # every layer, no short cut
+                held = self._restore_snapshot(ids, common)
+                if held is None:
+                    clear_cache(self.cache)
+                    held = 0
+                common = held
+        self.cached = list(ids[:common])
+        return list(ids[common:])
+
+    def _restore_snapshot(self, ids: list[int], common: int) -> int | None:
+        """Put back the snapshot when it is a prefix of `ids`; the positions then held."""
+        if self._snapshot is None:
+            return None
+        snap_ids, snaps = self._snapshot
+        p = len(snap_ids)
+        if p > common or list(ids[:p]) != snap_ids or not restore_cache(self.cache, snaps):
+            return None
+        # The restored layers write into the snapshot's own arrays from now on: keep
+        # fresh views instead, so the snapshot can serve again (another regenerate).
+        self._snapshot = (snap_ids, snapshot_cache(self.cache))
+        return p
+
+    def _take_snapshot(self, ids: list[int]) -> None:
+        self._snapshot = (list(ids), snapshot_cache(self.cache))
+
+    def _next_turn_prefix(self, ids: list[int]) -> int:
+        """How much of `ids` the next turn's prompt will share (templates re-render the
+        reply: Qwen3 drops its reasoning, so the cache parts there)."""
+        probe = [{"role": "assistant", "content": "\ue002", "reasoning_content": "\ue003"},
+                 {"role": "user", "content": "\ue000"}]
+        return _shared(self._render(self.messages + probe, True), ids)
 
     def reset_cache(self) -> None:
         clear_cache(self.cache)
         self.cached = []
+        self._snapshot = None
 
     def send(self, text: str, **options) -> Iterator[GenerationResponse]:
         """Add a user message and stream the reply."""
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
-        yield from self.respond(**options)
+        yield from self.respond(_restore=before, **options)
 
     def regenerate(self, **options) -> Iterator[GenerationResponse]:
         """Replace the last reply with a new one."""
+        before = list(self.messages)
         if self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
         if not self.messages or self.messages[-1]["role"] != "user":
+            self.messages = before
             raise QwenMLXError("there is no user message to reply to")
-        yield from self.respond(**options)
+        yield from self.respond(_restore=before, **options)
 
     def edit(self, index: int, text: str, **options) -> Iterator[GenerationResponse]:
         """Change the user message at `index`, drop what followed it, and reply anew."""
         if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "user":
             raise QwenMLXError(f"message {index} is not a user message")
+        before = list(self.messages)
         self.messages = self.messages[:index] + [{"role": "user", "content": text}]
-        yield from self.respond(**options)
+        yield from self.respond(_restore=before, **options)
 
     def clear(self) -> None:
         """Start over, keeping the system prompt."""
@@ -345,43 +499,77 @@ class ChatSession:
         self.reset_cache()
 
     def respond(self, *, max_tokens: int = 2048, stop: Sequence[str] = (), cancel=None,
-                prepare_next_turn: bool = True, **sampling) -> Iterator[GenerationResponse]:
+                prepare_next_turn: bool = True, _restore: list[dict] | None = None,
+                **sampling) -> Iterator[GenerationResponse]:
         """Stream a reply to the conversation as it stands, and add it to the history.
 
         Options are stream_generate's sampling keywords. With `prepare_next_turn`,
-        the cache is brought to the history as the next turn will render it.
+        the cache is brought to the history as the next turn will render it. When the
+        turn fails, or is cancelled before its first token, the history goes back to
+        `_restore` (send, edit and regenerate pass what it was before they changed it).
         """
-        ids = self._render(self.messages, True)
-        new = self._reuse(ids, keep_one=True)
+        before = list(self.messages) if _restore is None else _restore
+        yield from WORKER.iterate(lambda stopped: self._respond(
+            before, max_tokens=max_tokens, stop=stop, cancel=_or_stopped(cancel, stopped),
+            prepare_next_turn=prepare_next_turn, sampling=sampling))
+
+    def _respond(self, before: list[dict], *, max_tokens: int, stop: Sequence[str], cancel,
+                 prepare_next_turn: bool, sampling: dict) -> Iterator[GenerationResponse]:
+        try:
+            ids = self._render(self.messages, True)
+            new = self._reuse(ids, keep_one=True)
+            mark = on_mark = None
+            if any(not isinstance(c, KVCache) for c in self.cache):
+                held = len(self.cached)
+                p = min(self._next_turn_prefix(ids), len(ids) - 1)
+                if p >= held:
+                    mark, on_mark = p - held, lambda: self._take_snapshot(ids[:p])
+        except BaseException:
+            self.messages = before
+            raise
+        start = self.cache[0].offset
         generated: list[int] = []
         thinking_parts, answer_parts = [], []
         thinking = thinking_enabled(self.messages, self.enable_thinking)
-        replied = False
+        outcome = "failed"
         try:
             for r in _stream(self.model, self.tokenizer, new, self.cache, context=ids,
                              thinking=thinking, max_tokens=max_tokens, stop=stop,
                              prefill_step_size=self.prefill_step_size, cancel=cancel,
-                             sampling=sampling, tokens_out=generated):
-                replied = True
+                             sampling=sampling, tokens_out=generated, mark=mark,
+                             on_mark=on_mark):
                 (thinking_parts if r.phase == "thinking" else answer_parts).append(r.text)
                 yield r
+            outcome = "done"
+        except GeneratorExit:
+            outcome = "stopped"  # the reader went away: keep the reply so far, as a stop
+            raise
         finally:
-            # Whatever happened, the history and the cache's ids stay consistent; a
-            # turn that failed before replying (say, past the context limit) adds nothing.
-            self.cached = (ids + generated)[: self.cache[0].offset]
-            if replied:
+            if outcome == "failed" and self.cache[0].offset != start:
+                self.reset_cache()  # a computation that failed part way: trust nothing
+            else:
+                # The history and the cache's ids stay consistent.
+                self.cached = (ids + generated)[: self.cache[0].offset]
+            if outcome != "failed" and generated:
                 self.messages.append({"role": "assistant",
                                       "content": "".join(answer_parts).strip(),
                                       "reasoning_content": "".join(thinking_parts).strip()})
-        if prepare_next_turn:
-            self.prepare_next_turn()
+            else:
+                self.messages = before  # failed, or cancelled before the first token
+        if prepare_next_turn and generated:
+            self._prepare_next_turn()
 
     def prepare_next_turn(self) -> None:
         """Bring the cache to the history as the next turn's prompt will render it."""
+        WORKER.run(self._prepare_next_turn)
+
+    def _prepare_next_turn(self) -> None:
         a = self._render(self.messages + [{"role": "user", "content": "\ue000"}], True)
         b = self._render(self.messages + [{"role": "user", "content": "\ue001"}], True)
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         canonical = a[:n]
         new = self._reuse(canonical, keep_one=False)
-        prefill(self.model, new, self.cache, step=self.prefill_step_size)
-        self.cached = canonical
+        try:
+            prefill(self.model, new, self.cache, step=self.prefill_step_size)
+        finally:
+            self.cached = canonical[: self.cache[0].offset]

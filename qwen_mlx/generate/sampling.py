@@ -8,8 +8,10 @@ for thinking models (it loops); we follow the checkpoint instead.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, fields, replace
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import mlx.core as mx
 
@@ -33,22 +35,71 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
 
-    def validate(self) -> "SamplingParams":
-        checks = [("temperature", self.temperature >= 0), ("top_p", 0 < self.top_p <= 1),
-                  ("top_k", self.top_k >= 0), ("min_p", 0 <= self.min_p < 1),
-                  ("repetition_penalty", self.repetition_penalty > 0)]
-        for name, ok in checks:
-            if not ok:
-                raise QwenMLXError(f"{name} {getattr(self, name)} is out of range")
+    def validate(self, origin: str | None = None) -> "SamplingParams":
+        """Check every field's type and range; `origin` (a file) is named in the error."""
+        where = f"{origin}: " if origin else ""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "seed":
+                if value is not None and not (_is_int(value) and 0 <= value <= MAX_SEED):
+                    raise QwenMLXError(f"{where}seed {value!r} must be a whole number from 0 "
+                                       f"to {MAX_SEED}")
+                continue
+            kind = "a whole number" if f.name == "top_k" else "a number"
+            ok_type = _is_int(value) if f.name == "top_k" else _is_real(value)
+            if not ok_type:
+                raise QwenMLXError(f"{where}{f.name} must be {kind}, got {value!r}")
+            if not math.isfinite(value):
+                raise QwenMLXError(f"{where}{f.name} must be a finite number, got {value!r}")
+            low, high, rule = _RANGES[f.name]
+            if not ((low is None or low(value)) and (high is None or high(value))):
+                raise QwenMLXError(f"{where}{f.name} {value!r} is out of range: it must be {rule}")
         return self
 
 
-def generation_config_defaults(cfg: dict) -> dict:
-    """Sampling fields from a checkpoint's generation_config.json contents."""
-    out = {k: cfg[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                               "presence_penalty", "frequency_penalty") if cfg.get(k) is not None}
-    if cfg.get("do_sample") is False:
+# Largest seed mx.random.key takes (an unsigned 64-bit integer).
+MAX_SEED = 2 ** 64 - 1
+_RANGES: dict[str, tuple] = {
+    "temperature": (lambda v: v >= 0, None, "at least 0 (0 means greedy)"),
+    "top_p": (lambda v: v > 0, lambda v: v <= 1, "above 0 and at most 1"),
+    "top_k": (lambda v: v >= 0, None, "at least 0 (0 turns it off)"),
+    "min_p": (lambda v: v >= 0, lambda v: v < 1, "at least 0 and below 1"),
+    "repetition_penalty": (lambda v: v > 0, None, "above 0 (1 turns it off)"),
+    "presence_penalty": (None, None, "finite"),
+    "frequency_penalty": (None, None, "finite"),
+}
+_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+           "frequency_penalty")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def generation_config_defaults(cfg: Mapping[str, Any],
+                               origin: str = "generation_config.json") -> dict:
+    """Sampling fields from a checkpoint's generation_config.json contents, checked.
+
+    A value of the wrong type (``"temperature": "hot"``, ``"top_k": 20.5``) or out of
+    range raises a `QwenMLXError` naming `origin` and the key."""
+    out: dict[str, Any] = {}
+    for key in _FIELDS:
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if key == "top_k" and _is_real(value) and float(value).is_integer():
+            value = int(value)  # 20.0 is a whole number; 20.5 is refused below
+        out[key] = value
+    do_sample = cfg.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise QwenMLXError(f"{origin}: do_sample must be true or false, got {do_sample!r}")
+    if do_sample is False:
         out["temperature"] = 0.0
+    replace(SamplingParams(), **out).validate(origin)
     return out
 
 
@@ -60,14 +111,22 @@ def resolve_sampling(*, family: str, thinking: bool, generation_config: dict,
         values.update(QWEN3_THINKING if thinking else QWEN3_NON_THINKING)
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(SamplingParams)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise QwenMLXError(f"unknown sampling option(s): {', '.join(unknown)}")
     return replace(SamplingParams(), **{k: v for k, v in values.items() if k in known}).validate()
 
 
 class Sampler:
     """Turns the last position's logits into a token, keeping penalty state on the device."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int] | None = None):
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt: list[int] | None = None,
+                 *, allowed: int | None = None):
+        """`vocab_size`: the logits' width (the model's embedding rows). `allowed`: ids from
+        it up are never sampled: checkpoints pad the embedding past the tokenizer's last id
+        (Qwen: 151,936 rows for 151,665 ids), and those rows decode to nothing."""
         self.params = params
+        self._allowed = allowed if allowed is not None and 0 < allowed < vocab_size else None
         self._key = mx.random.key(params.seed) if params.seed is not None else None
         p = params
         self._penalize = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
@@ -86,6 +145,9 @@ class Sampler:
         logits = logits.astype(mx.float32)
         if self._penalize:
             logits = self._apply_penalties(logits)
+        if self._allowed is not None:
+            # A prefix, so the sampled index is the token id.
+            logits = logits[..., :self._allowed]
         return self._sample(logits)
 
     def observe(self, token: mx.array) -> None:

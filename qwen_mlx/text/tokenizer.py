@@ -30,7 +30,7 @@ from .templates import (
 from .detokenizer import StreamingDetokenizer, token_bytes_table
 from ..errors import QwenMLXError
 
-__all__ = ["QwenTokenizer"]
+__all__ = ["QwenTokenizer", "check_fits_model"]
 
 # Names a message's reasoning may come under; templates read "reasoning_content" (Qwen3)
 # or "thinking". transformers fills both from whichever is given, and so do we.
@@ -61,11 +61,15 @@ class QwenTokenizer:
         pad_token: str | None = None,
         eos_token_ids: Iterable[int] = (),
         generation_config: Mapping[str, Any] | None = None,
+        origin: str | None = None,
     ):
         self.tokenizer = tokenizer
         # generation_config.json travels with the tokenizer: its eos ids and
         # sampling defaults are what generation needs from the checkpoint.
         self.generation_config = dict(generation_config or {})
+        # Where it came from (a folder), for error messages.
+        self.origin = origin
+        self._id_limit: int | None = None
         self.bos_token, self.eos_token = bos_token, eos_token
         self.unk_token, self.pad_token = unk_token, pad_token
         self.chat_templates = _as_templates(chat_template)
@@ -124,7 +128,15 @@ class QwenTokenizer:
         gen = _read_json(gen_path) or {}
         return cls(tokenizer, chat_template=_find_chat_template(folder, config),
                    eos_token_ids=_eos_ids(gen, gen_path),
-                   generation_config=gen if isinstance(gen, dict) else {}, **tokens)
+                   generation_config=gen if isinstance(gen, dict) else {},
+                   origin=str(folder), **tokens)
+
+    @property
+    def generation_config_origin(self) -> str:
+        """The generation_config.json these sampling defaults came from, for messages."""
+        if self.origin is None:
+            return "the tokenizer's generation_config"
+        return str(Path(self.origin) / "generation_config.json")
 
     # ---------------------------------------------------------------- encoding
 
@@ -143,6 +155,15 @@ class QwenTokenizer:
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce (BPE plus added tokens)."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def id_limit(self) -> int:
+        """One past the highest id the tokenizer knows (ids may leave gaps, so this can
+        exceed `vocab_size`); every id it encodes or decodes lies below it."""
+        if self._id_limit is None:
+            ids = self.tokenizer.get_vocab(with_added_tokens=True).values()
+            self._id_limit = max(ids, default=-1) + 1
+        return self._id_limit
 
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
@@ -292,6 +313,21 @@ class QwenTokenizer:
     def __repr__(self) -> str:
         return (f"QwenTokenizer(vocab_size={self.vocab_size}, "
                 f"templates={sorted(self.chat_templates)}, eos_token_ids={self.eos_token_ids})")
+
+
+def check_fits_model(tokenizer: Any, rows: int, where: str | None = None) -> None:
+    """Refuse a tokenizer whose ids run past the model's `rows` embedding rows.
+
+    Such a pair would index past the embedding (a crash, or garbage read from memory):
+    the tokenizer is not this model's. `where` (a folder) is named in the message."""
+    limit = getattr(tokenizer, "id_limit", None)
+    if tokenizer is None or limit is None or limit <= rows:
+        return
+    place = f"{where}: " if where else ""
+    raise QwenMLXError(
+        f"{place}the tokenizer has ids up to {limit - 1} but the model's embedding has only "
+        f"{rows} rows (vocab_size); the tokenizer does not belong to these weights. Copy "
+        "tokenizer.json (and tokenizer_config.json) from the checkpoint the weights came from")
 
 
 # ---------------------------------------------------------------------- helpers
