@@ -136,6 +136,15 @@ class WeightMapper:
             # Formed in float32, as the reference forms 1 + w.
             return [(name, w.astype(mx.float32) + 1.0)]
         if self.convert_hybrid and name.endswith("linear_attn.conv1d.weight") and w.ndim == 3:
+            lc = config.linear
+            if lc is not None and tuple(w.shape) != (lc.conv_dim, 1, lc.conv_kernel):
+                raise WeightsError(
+                    f"'{name}' has shape {list(w.shape)} but {config.source} implies "
+                    f"[{lc.conv_dim}, 1, {lc.conv_kernel}] (conv_dim = 2 x linear_num_key_heads "
+                    f"{lc.num_key_heads} x linear_key_head_dim {lc.key_head_dim} + "
+                    f"linear_num_value_heads {lc.num_value_heads} x linear_value_head_dim "
+                    f"{lc.value_head_dim}; linear_conv_kernel_dim {lc.conv_kernel}); the "
+                    "weights do not match the config")
             return [(name, w.moveaxis(2, 1))]  # [C, 1, K] -> MLX's [C, K, 1]
         m = _GROUPED.match(name)
         if m and config.linear is not None:

@@ -273,6 +273,8 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
     same = context is new_ids
     new_ids = check_token_ids(new_ids, rows)
     context = new_ids if same else check_token_ids(context, rows)
+    if hasattr(model, "check_prompt"):
+        model.check_prompt(new_ids)  # vision placeholders need the vision tower
     cached = cache[0].offset
     limit = getattr(model, "max_context", None)
     if limit and cached + len(new_ids) >= limit:

@@ -155,6 +155,10 @@ def save_prompt_cache(path: str | os.PathLike, cache: list,
                 pass
             raise
 
+    # A cache the caller filled on its own thread is evaluated there first: its arrays'
+    # graph runs on that thread's stream, which the library's thread cannot use.
+    mx.eval([a for c in cache for part in c.state() if part is not None
+             for a in (part if isinstance(part, tuple) else (part,))])
     try:
         WORKER.run(write)
     except OSError as e:

@@ -304,8 +304,12 @@ class RotatingKVCache:
         return CacheSnapshot(self.offset, (views, self._filled, self._next))
 
     def restore(self, snap: CacheSnapshot) -> bool:
+        s = self.storage
         views, self._filled, self._next = snap.data
-        self.keys, self.values = (None, None) if views is None else views
+        # Fresh views again: the ring is written in place, and the snapshot must
+        # stay as it is for the next restore.
+        self.keys, self.values = (None, None) if views is None else (
+            s.slice(views[0], 0, s.length(views[0])), s.slice(views[1], 0, s.length(views[1])))
         self.offset = snap.offset
         return True
 
