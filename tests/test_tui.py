@@ -8,6 +8,7 @@ since random weights never close a <think> block on cue.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from qwen_mlx.text.tokenizer import QwenTokenizer
 from tui.app import ChatApp
 from tui.paths import resolve_data_dir
 from tui.screens.chats import ChatsScreen
+from tui.screens.confirm import ConfirmScreen
 from tui.screens.help import HelpScreen
 from tui.screens.settings import SettingsScreen
 from tui.store import ChatStore
@@ -428,7 +430,10 @@ async def test_overflow_drops_the_oldest_turns_and_says_so(tiny, tmp_path):
         assert messages[0] == {"role": "system", "content": "Be brief."}
         assert messages[1]["role"] == "user" and messages[-1]["role"] == "assistant"
         notices = [str(n.render()) for n in chat.query(NoticeMessage)]
-        assert any("oldest turn" in n and "no longer go to the model" in n for n in notices)
+        turns = sum(1 for m in record.dropped if m["role"] == "user")
+        said = ("the oldest turn (", "no longer goes to the model") if turns == 1 else \
+            (f"the {turns} oldest turns (", "no longer go to the model")
+        assert any(all(part in n for part in said) for n in notices), notices
         widgets = chat.conversation.messages
         assert all(w.has_class("dropped") for w in widgets[:len(record.dropped)])
         assert not widgets[-1].has_class("dropped")
@@ -485,10 +490,22 @@ async def test_message_box_keys_history_copy_export_and_help(tiny, tmp_path):
         await wait_for(pilot, lambda: app.screen is chat)
         # While nothing streams, Esc and Ctrl+C do not claim to stop anything.
         assert chat.check_action("stop", ()) is False
-        await pilot.press("ctrl+l")  # clear: the chat empties and its file goes
+        # Clear asks first (Ctrl+L is many terminals' redraw): n keeps everything ...
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        question = str(app.screen.query_one("#confirm-question").render())
+        detail = str(app.screen.query_one("#confirm-detail").render())
+        assert "2 messages" in question and str(exported) in detail and "stays" in detail
+        await pilot.press("n")
+        await wait_for(pilot, lambda: app.screen is chat)
+        assert len(chat.conversation.messages) == 2 and store.path(record.id).exists()
+        # ... and y clears: the chat empties and its file goes; the export stays.
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
         await wait_for(pilot, lambda: not chat.conversation.messages)
         assert chat.record.messages == [] and chat.session.messages == []
-        assert not store.path(record.id).exists()
+        assert not store.path(record.id).exists() and exported.is_file()
 
 
 def test_the_context_meter_warns_before_overflow_and_shortens_to_fit():
@@ -520,3 +537,362 @@ def test_the_ui_never_imports_torch_or_transformers():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, cwd=Path(__file__).parent.parent)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------- a new user's findings (issue 18)
+
+
+def notes(app) -> list[str]:
+    """The notifications shown so far."""
+    return [n.message for n in app._notifications]
+
+
+async def open_settings(pilot) -> SettingsScreen:
+    app = pilot.app
+    await wait_for(pilot, lambda: app.chat.session is not None, what="the model")
+    await pilot.press("f2")
+    await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen), what="the settings")
+    await pilot.pause()
+    return app.screen
+
+
+async def test_a_bad_setting_shows_its_error_in_the_dialog(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_settings(pilot)
+        error = screen.query_one("#settings-error")
+        assert not error.display  # nothing to say yet
+        screen.query_one("#top_p", Input).value = "5"
+        await pilot.press("ctrl+s")
+        await wait_for(pilot, lambda: error.display and error.region.height > 0,
+                       what="the error line")
+        assert app.screen is screen and "top_p 5" in str(error.render())
+        assert screen.query_one("#settings-dialog").region.contains_region(error.region)
+
+
+async def test_settings_fields_left_empty_are_not_marked_invalid(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, settings={"temperature": None})
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_settings(pilot)
+        fields = list(screen.query(Input))
+        assert any(not f.value for f in fields)
+        for _ in range(len(fields) + 8):  # Tab through every field, empty ones included
+            await pilot.press("tab")
+        await pilot.pause()
+        assert [f.id for f in fields if f.has_class("-invalid")] == []
+        screen.query_one("#top_k", Input).value = "x"  # a real mistake still shows
+        screen.query_one("#top_k", Input).focus()
+        await pilot.press("tab")
+        await wait_for(pilot, lambda: screen.query_one("#top_k").has_class("-invalid"))
+
+
+async def test_the_system_prompt_cursor_starts_after_its_text(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, settings={"system_prompt": "Be brief.\nUse English."})
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_settings(pilot)
+        prompt = screen.query_one("#system_prompt")
+        assert prompt.has_focus and prompt.cursor_location == prompt.document.end
+        await pilot.press(*" Thanks")
+        assert prompt.text == "Be brief.\nUse English. Thanks"
+
+
+async def test_the_settings_fit_50_columns(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=(50, 24)) as pilot:
+        screen = await open_settings(pilot)
+        box = screen.query_one("#settings-body").content_region
+        cut = [w.id or str(w) for w in screen.query("#settings-body Label, #settings-body Input, "
+                                                    "#settings-body Button, #settings-body Select, "
+                                                    "#settings-body Checkbox")
+               if w.region.width and w.region.right > box.right]
+        assert cut == []
+
+
+async def test_ctrl_g_then_esc_gives_the_draft_back(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hello world")
+        chat = app.chat
+        chat.prompt.set_text("half a thought")
+        await pilot.press("ctrl+g")
+        assert chat.editing == 0 and chat.prompt.text == "hello world"
+        await pilot.press("escape")
+        assert chat.editing is None and chat.prompt.text == "half a thought"
+        # After an edit is sent, the draft comes back too.
+        await pilot.press("ctrl+g")
+        turns = chat.turn
+        chat.prompt.set_text("hello there")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.turn > turns and not chat.busy)
+        assert chat.session.messages[0]["content"] == "hello there"
+        assert chat.prompt.text == "half a thought"
+
+
+async def test_deleting_a_saved_chat_asks_first_and_keeps_its_export(tiny, tmp_path):
+    store = ChatStore(tmp_path)
+    record = store.new_chat()
+    record.messages = [{"role": "user", "content": "keep me"},
+                       {"role": "assistant", "content": "ok", "reasoning_content": ""}]
+    store.save(record)
+    export = store.export_markdown(record)
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat.session is not None)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen))
+        chats = app.screen
+        await pilot.pause()
+        await pilot.press("d")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "keep me" in str(app.screen.query_one("#confirm-question").render())
+        assert str(export) in str(app.screen.query_one("#confirm-detail").render())
+        await pilot.press("enter")  # the focused answer is the safe one
+        await wait_for(pilot, lambda: app.screen is chats)
+        assert store.path(record.id).exists()
+        await pilot.press("d")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not store.path(record.id).exists(), what="the delete")
+        assert export.is_file()
+        assert any("Deleted" in n for n in notes(app))
+
+
+async def test_keys_that_wait_for_the_reply_say_so(tiny, tmp_path):
+    GatedSession.started.clear()
+    GatedSession.release.clear()
+    app = make_app(tiny, tmp_path, settings={"max_tokens": 40}, session_factory=GatedSession)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = app.chat
+        await wait_for(pilot, lambda: chat.session is not None)
+        chat.prompt.set_text("hello world")
+        await pilot.press("enter")
+        await wait_for(pilot, GatedSession.started.is_set, what="the first token")
+        try:
+            for key in ("ctrl+n", "f2", "ctrl+o", "ctrl+l", "ctrl+r", "ctrl+t"):
+                before = len(notes(app))
+                await pilot.press(key)
+                await wait_for(pilot, lambda: len(notes(app)) > before, what=f"a word on {key}")
+                assert "reply is streaming" in notes(app)[-1]
+                assert app.screen is chat and chat.busy
+        finally:
+            GatedSession.release.set()
+        await wait_for(pilot, lambda: not chat.busy)
+
+
+async def test_sent_messages_come_back_with_up_after_a_restart(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hello world")
+        await send(pilot, "the quick brown fox")
+    again = make_app(tiny, tmp_path)
+    async with again.run_test(size=SIZE) as pilot:
+        prompt = again.chat.prompt
+        await pilot.press("up")
+        assert prompt.text == "the quick brown fox"
+        await pilot.press("up")
+        assert prompt.text == "hello world"
+
+
+async def test_the_header_names_the_model_and_a_failed_load_says_so(tiny, tmp_path):
+    folder, model, tokenizer = tiny
+    app = make_app(tiny, tmp_path / "a", model_name="Qwen/Qwen3-0.6B")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.chat.session is not None)
+        assert app.chat.sub_title.startswith("Qwen/Qwen3-0.6B · ")
+    broken = tmp_path / "no-config"
+    broken.mkdir()
+    app = ChatApp(broken, data_dir=tmp_path / "b")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.model_error is not None, what="the failed load")
+        app.chat.prompt.set_text("hello")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: any("No model is loaded" in n for n in notes(app)))
+        assert not any("still loading" in n for n in notes(app))
+
+
+async def test_a_blank_line_follows_a_code_block(tiny, tmp_path):
+    store = ChatStore(tmp_path)
+    record = store.new_chat()
+    record.messages = [{"role": "user", "content": "code?"},
+                       {"role": "assistant", "content": "Here:\n\n```python\nprint(1)\n```\n"
+                        "And after.", "reasoning_content": ""}]
+    store.save(record)
+    app = make_app(tiny, tmp_path, chat_id=record.id)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: len(replies(app)) == 1
+                       and len(replies(app)[0].body.children) == 3, what="the markdown")
+        await pilot.pause()
+        _, fence, after = replies(app)[0].body.children
+        assert type(fence).__name__ == "MarkdownFence"
+        assert after.region.y - fence.region.bottom == 1  # one blank line between
+
+
+def test_the_help_screen_shows_whole_section_titles():
+    import io
+
+    from rich.console import Console
+
+    from tui.screens.help import rows
+
+    console = Console(width=72, file=io.StringIO(), record=True)
+    console.print(rows([("A focused message (Tab to reach it)", [("c", "copy the message")])]))
+    assert "A focused message (Tab to reach it)" in console.export_text()
+
+
+def test_the_context_meter_never_passes_100_percent():
+    meter = ContextMeter()
+    meter.state = ContextState(used=11_558, limit=100, kv_bytes=0, thinking="thinking on")
+    line = meter.line(200)
+    assert "100/100 100%" in line and "11558%" not in line and "11,558" not in line
+    assert "⚠ over" in line and "drop" in line
+    assert "11,558 tokens" in ContextMeter.describe(meter.state)
+    assert len(meter.line(60)) <= 60
+
+
+def test_yarn_is_not_named_when_a_cap_leaves_it_nothing_to_extend(tiny):
+    from tui.context import limit_label
+
+    folder = tiny[0]
+    extended, _ = qwen_mlx.load(folder, rope_scaling={"rope_type": "yarn", "factor": 4.0},
+                                max_context=1000)
+    assert limit_label(extended) == "YaRN 4x"
+    capped, _ = qwen_mlx.load(folder, rope_scaling={"rope_type": "yarn", "factor": 4.0},
+                              max_context=200)  # within the native 256
+    assert limit_label(capped) == ""
+
+
+def test_the_kv_figure_shrinks_when_old_turns_are_dropped(tiny):
+    from tui.context import kv_cache_bytes
+    from tui.settings import Settings
+    from tui.streaming import TurnDone, TurnTrimmed
+    from tui.turns import TurnRequest, run_turn
+
+    folder, _, tokenizer = tiny
+    model, _ = qwen_mlx.load(folder, max_context=400)
+    words = "the quick brown fox jumps over the lazy dog. "  # 21 tokens
+    history = [{"role": "user", "content": words * 16},
+               {"role": "assistant", "content": "ok", "reasoning_content": ""}]
+    session = ChatSession(model, tokenizer, messages=history)
+    settings = Settings(temperature=0.0, max_tokens=4)
+    posted = []
+    run_turn(TurnRequest("send", 1, settings, "hi"), session, threading.Event(),
+             post=posted.append, clock=time.monotonic, interval=0)
+    full = posted[-1]
+    assert isinstance(full, TurnDone) and full.context_tokens > 256  # two steps of 256
+    posted.clear()
+    # The next message does not fit beside the first turn, which goes: what is left
+    # needs one buffer step instead of two.
+    run_turn(TurnRequest("send", 2, settings, words * 8), session, threading.Event(),
+             post=posted.append, clock=time.monotonic, interval=0)
+    assert any(isinstance(m, TurnTrimmed) for m in posted)
+    done = posted[-1]
+    assert done.error is None and done.context_tokens < full.context_tokens
+    assert done.kv_bytes < full.kv_bytes and done.kv_bytes == kv_cache_bytes(session.cache)
+
+
+# ----------------------------------------------- chat files from elsewhere (issue 17)
+
+
+async def test_opening_chats_survives_files_that_are_not_chats_and_shared_ids(tiny, tmp_path):
+    store = ChatStore(tmp_path)
+    record = store.new_chat()
+    record.messages = [{"role": "user", "content": "the original"},
+                       {"role": "assistant", "content": "ok", "reasoning_content": ""}]
+    store.save(record)
+    data = json.loads(store.path(record.id).read_text())
+    data["messages"][0]["content"] = "the backup"
+    (store.chats_dir / "backup.json").write_text(json.dumps(data))  # the same "id"
+    for name, text in {"list.json": "[1, 2, 3]", "null.json": "null", "n.json": "42"}.items():
+        (store.chats_dir / name).write_text(text)
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = app.chat
+        await wait_for(pilot, lambda: chat.session is not None)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen))
+        await wait_for(pilot, lambda: any("Skipped 3 files" in n for n in notes(app)))
+        warning = next(n for n in notes(app) if "Skipped" in n)
+        assert all(name in warning for name in ("list.json", "null.json", "n.json"))
+        options = app.screen.query_one("#chat-list")
+        ids = [options.get_option_at_index(i).id for i in range(options.option_count)]
+        assert sorted(ids) == sorted([record.id, "backup"])
+        options.highlighted = ids.index("backup")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.record.id == "backup", what="the backup")
+        assert chat.conversation.messages[0].text == "the backup"
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatsScreen))
+        options = app.screen.query_one("#chat-list")
+        options.highlighted = ids.index(record.id)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: chat.record.id == record.id, what="the original")
+        assert chat.conversation.messages[0].text == "the original"
+
+
+async def test_turns_saved_by_another_window_join_the_open_chat(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = app.chat
+        await send(pilot, "hello world")
+        other = ChatStore(tmp_path).load(chat.record.id)  # a second window on this chat
+        other.messages += [{"role": "user", "content": "from the other window"},
+                           {"role": "assistant", "content": "seen", "reasoning_content": ""}]
+        ChatStore(tmp_path).save(other)
+        await send(pilot, "the quick brown fox")
+        await wait_for(pilot, lambda: len(chat.conversation.messages) == 6, what="the merge")
+        texts = [w.text for w in chat.conversation.messages]
+        assert texts[0] == "hello world" and texts[2:4] == ["from the other window", "seen"]
+        assert texts[4] == "the quick brown fox"
+        assert [m["content"] for m in chat.session.messages][2:5] == texts[2:5]
+        assert any("another window" in n for n in notes(app))
+        saved = ChatStore(tmp_path).load(chat.record.id)
+        assert [m["content"] for m in saved.transcript] == texts
+
+
+# --------------------------------------------------------------- the command line
+
+
+def test_chat_without_a_terminal_says_so_and_exits(tiny, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "chat", "-m", str(tiny[0])],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).parent.parent,
+                       env={**os.environ, "QWEN_MLX_DATA_DIR": str(tmp_path)})
+    assert r.returncode == 2 and "chat needs a terminal" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("missing", ["config.json", "tokenizer.json"])
+def test_chat_on_a_folder_that_cannot_load_fails_before_the_window(tiny, tmp_path, missing):
+    import pty
+    import select
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny[0], folder)
+    (folder / missing).unlink()
+    leader, follower = pty.openpty()  # a terminal, so only the folder can be at fault
+    proc = subprocess.Popen([sys.executable, "-m", "qwen_mlx.cli", "chat", "-m", str(folder)],
+                            stdin=follower, stdout=follower, stderr=follower,
+                            cwd=Path(__file__).parent.parent,
+                            env={**os.environ, "QWEN_MLX_DATA_DIR": str(tmp_path / "data"),
+                                 "TERM": "xterm"})
+    os.close(follower)
+    out, deadline = b"", time.monotonic() + 120
+    try:
+        while proc.poll() is None or select.select([leader], [], [], 0)[0]:
+            assert time.monotonic() < deadline, out.decode(errors="replace")
+            if select.select([leader], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # the child closed its end
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(leader)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 2, text
+    assert f"{folder / missing}" in text and "Traceback" not in text

@@ -40,6 +40,8 @@ class ChatApp(App[None]):
         flush_interval: the shortest time between two UI updates of a streaming reply.
         chat_id: a saved chat to open at start instead of a new one.
         session_factory: makes the ChatSession (ChatSession itself; tests may wrap it).
+        model_name: what the header calls the model (the hub id it came from); by
+            default the folder's name.
     """
 
     CSS_PATH = "app.tcss"
@@ -53,9 +55,12 @@ class ChatApp(App[None]):
                  data_dir: str | Path | None = None, preloaded: tuple[Any, Any] | None = None,
                  clock: Callable[[], float] = time.monotonic, flush_interval: float = 0.05,
                  chat_id: str | None = None,
-                 session_factory: Callable[..., ChatSession] = ChatSession) -> None:
+                 session_factory: Callable[..., ChatSession] = ChatSession,
+                 model_name: str | None = None) -> None:
         super().__init__()
         self.model_path = Path(model_path)
+        self.model_name = model_name or self.model_path.name
+        self.model_error: str | None = None  # why the last load failed
         self.store = ChatStore(resolve_data_dir(data_dir))
         settings, self._settings_warning = self.store.load_settings()
         overrides: dict[str, Any] = {}
@@ -107,25 +112,26 @@ class ChatApp(App[None]):
         try:
             model, tokenizer = self.mlx.run(load, self.model_path, **options)
             if tokenizer is None:
-                raise ValueError(f"{self.model_path} has no tokenizer.json; convert it with "
-                                 "`qwen-mlx convert`")
+                raise ValueError(f"{self.model_path} has no tokenizer.json: copy it (and "
+                                 "tokenizer_config.json) from the original checkpoint")
         except Exception as e:  # shown in the window: the user can fix the settings
             self.call_from_thread(self._model_failed, str(e))
             return
         self.call_from_thread(self._model_loaded, model, tokenizer)
 
     def _model_loaded(self, model: Any, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.model_error = model, tokenizer, None
         self.chat.model_ready()
 
     def _model_failed(self, error: str) -> None:
+        self.model_error = error
         self.chat.model_failed(error)
         self.notify(f"The model could not be loaded: {error}", severity="error",
                     timeout=30, markup=False)
 
     def reload_model(self) -> None:
         label = ("with YaRN" if self.settings.rope_scaling else "without YaRN")
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self.model_error = None
         self.chat.model_loading(f"Reloading the model {label}…")
         self.load_model()
 
@@ -149,6 +155,14 @@ class ChatApp(App[None]):
 
     # ---------------------------------------------------------------- helpers
 
+    def remember_sent(self, text: str) -> None:
+        """Keep a sent message for Up/Down in later runs and other chats."""
+        try:
+            self.store.add_history(text)
+        except OSError as e:
+            self.notify(f"Could not save the message history: {e}", severity="warning",
+                        markup=False)
+
     def help_sections(self) -> list[tuple[str, list]]:
         """The help screen's content, from the bindings in force."""
         return [("Chat", list(ChatScreen.BINDINGS) + list(self.BINDINGS)),
@@ -156,7 +170,8 @@ class ChatApp(App[None]):
                 ("A focused message (Tab to reach it)",
                  list(MessageView.BINDINGS) + list(UserMessage.BINDINGS)),
                 ("Dialogs", [("escape", "close or cancel"), ("ctrl+s", "save the settings"),
-                             ("d", "delete the highlighted chat (chat list)")])]
+                             ("d", "delete the highlighted chat (chat list; asks first)"),
+                             ("y / n", "answer a question (delete? clear?)")])]
 
     async def action_quit(self) -> None:
         # A reply still streaming would keep its thread (and the process) alive.
@@ -165,7 +180,8 @@ class ChatApp(App[None]):
 
 
 def run_chat(model_path: Path, *, rope_scaling: str | None = None, rope_factor: float = 4.0,
-             max_context: int | None = None, data_dir: Path | None = None) -> None:
+             max_context: int | None = None, data_dir: Path | None = None,
+             model_name: str | None = None) -> None:
     """Open the chat UI on `model_path` and return when the user quits."""
     ChatApp(model_path, rope_scaling=rope_scaling, rope_factor=rope_factor,
-            max_context=max_context, data_dir=data_dir).run()
+            max_context=max_context, data_dir=data_dir, model_name=model_name).run()

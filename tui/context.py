@@ -21,9 +21,13 @@ def kv_cache_bytes(cache: Sequence[Any]) -> int:
 
 
 def limit_label(model: Any) -> str:
-    """"YaRN 4x" when the model was loaded with YaRN, else ""."""
+    """"YaRN 4x" when the model was loaded with YaRN and the context limit reaches past
+    the native context (a max context within it leaves YaRN nothing to extend), else ""."""
     rope = model.config.rope
-    return f"YaRN {rope.factor:g}x" if rope.rope_type == "yarn" else ""
+    if rope.rope_type != "yarn":
+        return ""
+    native = rope.original_max_position_embeddings or 0
+    return f"YaRN {rope.factor:g}x" if model.max_context > native else ""
 
 
 def reply_reserve(limit: int, max_tokens: int) -> int:

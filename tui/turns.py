@@ -106,5 +106,11 @@ def fit_to_context(request: TurnRequest, session: Any, post: Callable[[Message],
                          enable_thinking=think)
     dropped = messages[head:head + drop]
     session.messages = messages[:head] + messages[head + drop:]
+    # Everything after the system prompt moves, so little of the cache could be reused;
+    # a fresh one is sized to what is left and frees the rest (a trimmed cache keeps
+    # its buffers, and the meter's KV figure would never shrink).
+    bits = next((c.bits for c in session.cache if getattr(c, "bits", None)), None)
+    session.cache = session.model.make_cache(kv_bits=bits)
+    session.cached = []
     post(TurnTrimmed(request.turn, [dict(m) for m in dropped], full - kept))
     return request.index - drop

@@ -38,6 +38,7 @@ from ..widgets.messages import (
 from ..widgets.prompt import PromptInput
 from ..widgets.status import ContextMeter, ContextState, StatsBar
 from .chats import ChatsScreen
+from .confirm import ConfirmScreen
 from .help import HelpScreen
 from .settings import SettingsScreen
 
@@ -89,13 +90,13 @@ class ChatScreen(Screen):
                 tooltip="system prompt, sampling, max tokens, long context, KV cache"),
         Binding("f1,question_mark", "help", "Help", tooltip="this list"),
         Binding("ctrl+l", "clear_chat", "Clear chat", show=False,
-                tooltip="clear this chat (the system prompt stays)"),
+                tooltip="clear this chat, after asking (the system prompt stays)"),
         Binding("ctrl+s", "export", "Export", show=False,
                 tooltip="export this chat to Markdown, next to the saved chats"),
         Binding("ctrl+b", "copy_code", "Copy code", show=False,
                 tooltip="copy the last code block of the replies"),
     ]
-    # Actions that change the conversation wait until the reply is over.
+    # Actions that change the conversation wait until the reply is over (each says so).
     IDLE_ONLY = {"regenerate", "edit_last", "toggle_thinking", "new_chat", "open_chats",
                  "settings", "clear_chat"}
 
@@ -115,6 +116,7 @@ class ChatScreen(Screen):
         self._warned = False
         self._mounted = False
         self._sent_text = ""  # the text of the turn in flight, given back if it cannot be sent
+        self._draft = ""  # the message box's text when an edit began, given back after it
 
     # ------------------------------------------------------------------ layout
 
@@ -143,6 +145,7 @@ class ChatScreen(Screen):
         self.query_one("#edit-banner").display = False
         self.query_one("#loading").display = self.app.model is None
         self.prompt.focus()
+        self.prompt.sent = self.app.store.load_history()
         self._mounted = True
         await self.show_record(self.app.first_record())
 
@@ -223,15 +226,36 @@ class ChatScreen(Screen):
         conversation.follow()
 
     def _update_title(self) -> None:
-        model = self.app.model_path.name
+        model = self.app.model_name
         self.title = "qwen-mlx"
         self.sub_title = f"{model} · {self.record.title}" if self.record else model
 
     def _save(self) -> None:
         try:
-            self.app.store.save(self.record)
+            result = self.app.store.save(self.record)
         except OSError as e:
             self.notify(f"Could not save the chat: {e}", severity="error", markup=False)
+            return
+        if result is None:
+            return
+        if result.copy_id:
+            self.notify("This chat was also changed in another window; that version is "
+                        f"kept as a chat of its own ({result.copy_id}, Ctrl+O).",
+                        severity="warning", timeout=10, markup=False)
+        if result.merged:
+            n = result.merged
+            self.notify(f"{n} message{'s' if n != 1 else ''} from another window "
+                        "joined this chat.", severity="warning", markup=False)
+            self.call_later(self._show_merged)
+
+    async def _show_merged(self) -> None:
+        """The save merged in another instance's turns: the session takes the merged
+        history (its cache is reused up to where the two differ) and the view follows."""
+        if self.session is not None:
+            self.session.messages = [dict(m) for m in self.record.messages]
+        await self._rebuild()
+        self._update_title()
+        self._measure()
 
     # ----------------------------------------------------------- the context
 
@@ -297,16 +321,38 @@ class ChatScreen(Screen):
             self.notify("A reply is still streaming: Esc stops it.", severity="warning")
             return
         if self.session is None:
-            self.notify("The model is still loading.", severity="warning")
+            self._say_no_model()
             return
         self.prompt.remember(text)
+        self.app.remember_sent(text)
         self.prompt.set_text("")
         if self.editing is not None:
             index = self.editing
             self._end_edit()
+            # What was typed before the edit comes back (the edit itself is in Up's history).
+            self.prompt.set_text(self._draft)
+            self._draft = ""
             await self._start("edit", text=text, index=index)
         else:
             await self._start("send", text=text)
+
+    def _say_no_model(self) -> None:
+        """Why there is no session: the model is loading, or it failed to load."""
+        error = self.app.model_error
+        if error:
+            self.notify(f"No model is loaded: {error}. Change the long-context settings "
+                        "(F2) or restart with another model.", severity="error",
+                        markup=False)
+        else:
+            self.notify("The model is still loading.", severity="warning")
+
+    def _wait_for_reply(self) -> bool:
+        """While a reply streams, say that the action waits for it (True) rather than
+        ignore the key."""
+        if self.busy:
+            self.notify("A reply is streaming: wait for it, or stop it with Esc.",
+                        severity="warning")
+        return self.busy
 
     async def _start(self, kind: str, *, text: str = "", index: int = -1) -> None:
         """Show the new turn's widgets and start the worker."""
@@ -353,10 +399,11 @@ class ChatScreen(Screen):
         for widget in widgets[first:first + len(message.dropped)]:
             widget.set_dropped(True)
         turns = sum(1 for m in message.dropped if m.get("role") == "user")
+        what = "the oldest turn" if turns == 1 else f"the {turns} oldest turns"
+        verb = "goes" if turns == 1 else "go"
         notice = NoticeMessage(
-            f"The context is full: the {turns} oldest turn{'s' if turns != 1 else ''} "
-            f"({message.freed:,} tokens) no longer go to the model; the system prompt stays.",
-            kind="warning")
+            f"The context is full: {what} ({message.freed:,} tokens) no longer {verb} to the "
+            "model; the system prompt stays.", kind="warning")
         # Before the new user message: the last two widgets are this turn's.
         anchor = widgets[-2] if len(widgets) >= 2 and isinstance(widgets[-2], UserMessage) \
             else widgets[-1]
@@ -433,9 +480,7 @@ class ChatScreen(Screen):
             return self.busy  # hidden otherwise, and Ctrl+C falls through to copy
         if action == "cancel_edit":
             return self.editing is not None and not self.busy
-        if action in self.IDLE_ONLY and self.busy:
-            return None  # shown dimmed while a reply streams
-        return True
+        return True  # the IDLE_ONLY actions say themselves why they wait
 
     def action_stop(self) -> None:
         if self.busy and self.cancel_event is not None and not self.cancel_event.is_set():
@@ -444,8 +489,10 @@ class ChatScreen(Screen):
                 self.reply.set_note("stopping…", kind="warning")
 
     async def action_regenerate(self) -> None:
+        if self._wait_for_reply():
+            return
         if self.session is None:
-            self.notify("The model is still loading.", severity="warning")
+            self._say_no_model()
             return
         context = [m for m in self.record.messages if m.get("role") != "system"]
         if not any(m.get("role") == "user" for m in context):
@@ -454,6 +501,8 @@ class ChatScreen(Screen):
         await self._start("regenerate")
 
     def action_edit_last(self) -> None:
+        if self._wait_for_reply():
+            return
         transcript = self.record.transcript
         users = [i for i, m in enumerate(transcript) if m.get("role") == "user"]
         if not users:
@@ -462,8 +511,7 @@ class ChatScreen(Screen):
         self.begin_edit(users[-1])
 
     def on_user_message_edit_requested(self, event: UserMessage.EditRequested) -> None:
-        if self.busy:
-            self.notify("Wait for the reply to finish (Esc stops it).", severity="warning")
+        if self._wait_for_reply():
             return
         self.begin_edit(self.conversation.messages.index(event.message))
 
@@ -473,6 +521,8 @@ class ChatScreen(Screen):
             self.notify("That message was trimmed from the context and cannot be resent.",
                         severity="warning")
             return
+        if self.editing is None:
+            self._draft = self.prompt.text
         self.editing = index
         banner = self.query_one("#edit-banner", Label)
         later = len(self.record.transcript) - index - 1
@@ -490,9 +540,12 @@ class ChatScreen(Screen):
 
     def action_cancel_edit(self) -> None:
         self._end_edit()
-        self.prompt.set_text("")
+        self.prompt.set_text(self._draft)
+        self._draft = ""
 
     def action_toggle_thinking(self) -> None:
+        if self._wait_for_reply():
+            return
         record = self.record
         record.enable_thinking = None if record.enable_thinking is False else False
         if self.session is not None:
@@ -503,12 +556,35 @@ class ChatScreen(Screen):
                     "for this chat.")
 
     async def action_new_chat(self) -> None:
+        if self._wait_for_reply():
+            return
         settings = self.app.settings
         await self.show_record(self.app.store.new_chat(system=settings.system_prompt))
         self.prompt.focus()
 
-    async def action_clear_chat(self) -> None:
-        """Start this chat over (the system prompt stays)."""
+    def action_clear_chat(self) -> None:
+        """Ask, then start this chat over (the system prompt stays)."""
+        if self._wait_for_reply():
+            return
+        record = self.record
+        count = len(record.transcript)
+        if not count:
+            self.notify("This chat is empty already.")
+            return
+        export = self.app.store.path(record.id).with_suffix(".md")
+        detail = "Its saved file is deleted"
+        detail += (f"; its Markdown export stays: {export}" if export.exists()
+                   else ". This cannot be undone.")
+
+        async def answered(yes: bool | None) -> None:
+            if yes:
+                await self._clear_chat()
+
+        self.app.push_screen(ConfirmScreen(
+            f"Clear this chat's {count} message{'s' if count != 1 else ''}? The system "
+            "prompt stays.", detail=detail, yes="Clear"), answered)
+
+    async def _clear_chat(self) -> None:
         record = self.record
         record.messages = [m for m in record.messages[:1] if m.get("role") == "system"]
         record.dropped, record.meta = [], []
@@ -519,6 +595,9 @@ class ChatScreen(Screen):
         self.notify("Chat cleared.")
 
     def action_open_chats(self) -> None:
+        if self._wait_for_reply():
+            return
+
         async def opened(chat_id: str | None) -> None:
             if not chat_id or (self.record and chat_id == self.record.id):
                 return
@@ -532,6 +611,8 @@ class ChatScreen(Screen):
         self.app.push_screen(ChatsScreen(self.app.store, current=self.record.id), opened)
 
     def action_settings(self) -> None:
+        if self._wait_for_reply():
+            return
         model = self.app.model
         family = model.config.family if model is not None else ""
         self.app.push_screen(SettingsScreen(self.app.settings, family=family),

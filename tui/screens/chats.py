@@ -12,6 +12,7 @@ from textual.widgets.option_list import Option
 
 from ..store import ChatStore, ChatSummary
 from ..text import clean
+from .confirm import ConfirmScreen
 
 
 def describe(summary: ChatSummary) -> Content:
@@ -31,11 +32,12 @@ class ChatsScreen(ModalScreen["str | None"]):
         super().__init__()
         self.store, self.current = store, current
         self.titles: dict[str, str] = {}
+        self._skipped: list[tuple[str, str]] = []
 
     def compose(self) -> ComposeResult:
         with Vertical(id="chats-dialog") as dialog:
             dialog.border_title = "Chats"
-            dialog.border_subtitle = "Enter opens · d deletes · Esc closes"
+            dialog.border_subtitle = "Enter opens · d deletes (asks first) · Esc closes"
             yield OptionList(id="chat-list")
             yield Static(f"Saved in {self.store.chats_dir}", id="chats-path", markup=False)
 
@@ -46,7 +48,15 @@ class ChatsScreen(ModalScreen["str | None"]):
     def refresh_list(self) -> None:
         options = self.query_one(OptionList)
         options.clear_options()
-        summaries = self.store.summaries()
+        summaries, skipped = self.store.scan()
+        if skipped and skipped != self._skipped:  # said once, not after every delete
+            names = ", ".join(f"{name} ({why})" for name, why in skipped[:5])
+            more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            self.notify(f"Skipped {len(skipped)} file{'s' if len(skipped) != 1 else ''} "
+                        f"that {'are' if len(skipped) != 1 else 'is'} not a saved chat, in "
+                        f"{self.store.chats_dir}: {names}{more}.", severity="warning",
+                        timeout=15, markup=False)
+        self._skipped = skipped
         self.titles = {s.id: s.title for s in summaries}
         if not summaries:
             options.add_option(Option("No saved chats yet.", disabled=True))
@@ -68,6 +78,18 @@ class ChatsScreen(ModalScreen["str | None"]):
             self.notify("That chat is open; start a new one (Ctrl+N) to delete it.",
                         severity="warning")
             return
-        self.store.delete(option.id)
-        self.notify(f"Deleted “{self.titles.get(option.id, option.id)}”.", markup=False)
-        self.refresh_list()
+        chat_id = option.id
+        title = self.titles.get(chat_id, chat_id)
+        export = self.store.path(chat_id).with_suffix(".md")
+        detail = (f"Its Markdown export stays: {export}" if export.exists()
+                  else "This cannot be undone.")
+
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                return
+            self.store.delete(chat_id)
+            self.notify(f"Deleted “{title}”.", markup=False)
+            self.refresh_list()
+
+        self.app.push_screen(ConfirmScreen(f"Delete the chat “{title}”?", detail=detail),
+                             answered)

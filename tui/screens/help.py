@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from rich.console import Group
 from rich.table import Table
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -34,13 +35,16 @@ def key_label(keys: str) -> str:
     return ", ".join(one(k) for k in keys.split(","))
 
 
-def rows(sections: Iterable[tuple[str, Iterable[Binding | tuple[str, str]]]]) -> Table:
-    """A table of (keys, what they do), one section per place the keys work; keys that
-    do the same thing share a row."""
-    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0), expand=True)
-    table.add_column(style="bold", no_wrap=True, width=22)
-    table.add_column(ratio=1)
+def rows(sections: Iterable[tuple[str, Iterable[Binding | tuple[str, str]]]]) -> Group:
+    """A table of (keys, what they do) per place the keys work, under its title (the
+    title spans the width: in the keys column it would be cut); keys that do the same
+    thing share a row."""
+    tables = []
     for title, entries in sections:
+        table = Table(show_header=False, box=None, padding=(0, 2, 0, 0), expand=True,
+                      title=f"[b u]{title}[/]", title_justify="left", title_style="")
+        table.add_column(style="bold", no_wrap=True, width=22)
+        table.add_column(ratio=1)
         merged: dict[str, list[str]] = {}
         for entry in entries:
             if isinstance(entry, Binding):
@@ -48,11 +52,11 @@ def rows(sections: Iterable[tuple[str, Iterable[Binding | tuple[str, str]]]]) ->
             else:
                 keys, text = entry
             merged.setdefault(text, []).append(keys)
-        table.add_row(f"[b u]{title}[/]", "")
         for text, keys in merged.items():
             table.add_row(key_label(",".join(keys)), text)
         table.add_row("", "")
-    return table
+        tables.append(table)
+    return Group(*tables)
 
 
 class HelpScreen(ModalScreen[None]):

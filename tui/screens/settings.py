@@ -28,6 +28,8 @@ class SettingsScreen(ModalScreen["Settings | None"]):
     """System prompt, sampling (with Qwen's presets), reply length, long context, KV cache."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+    # Below 70 columns each row of two fields takes two lines (see app.tcss).
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (70, "-wide")]
 
     def __init__(self, settings: Settings, *, family: str = "") -> None:
         super().__init__()
@@ -82,11 +84,15 @@ class SettingsScreen(ModalScreen["Settings | None"]):
 
     def _input(self, name: str, value: Any, placeholder: str = "auto") -> Input:
         kind = "integer" if name in INTEGER_FIELDS else "number"
+        # An empty field means "auto" (or the model's), so empty is valid, not red.
         return Input(_shown(value), id=name, type=kind, placeholder=placeholder, compact=True,
-                     classes="value")
+                     classes="value", valid_empty=True)
 
     def on_mount(self) -> None:
-        self.query_one("#system_prompt", TextArea).focus()
+        self.query_one("#settings-error").display = False
+        prompt = self.query_one("#system_prompt", TextArea)
+        prompt.move_cursor(prompt.document.end)  # typing adds to the prompt, as in an editor
+        prompt.focus()
 
     @on(Button.Pressed, "#preset-thinking")
     def _thinking_preset(self) -> None:
@@ -110,7 +116,9 @@ class SettingsScreen(ModalScreen["Settings | None"]):
         try:
             settings = self.read()
         except SettingsError as e:
-            self.query_one("#settings-error", Static).update(f"⚠ {e}")
+            error = self.query_one("#settings-error", Static)
+            error.update(f"⚠ {e}")
+            error.display = True
             return
         self.dismiss(settings)
 

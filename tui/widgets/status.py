@@ -37,7 +37,14 @@ class ContextState:
 
     @property
     def fraction(self) -> float:
-        return self.used / self.limit if self.limit else 0.0
+        """How full the context is, at most 1 (a reopened chat can hold more than the
+        limit: the next message drops its oldest turns)."""
+        return min(1.0, self.used / self.limit) if self.limit else 0.0
+
+    @property
+    def over(self) -> bool:
+        """The conversation holds more than the context: its oldest turns drop next."""
+        return self.used > self.limit > 0
 
 
 class ContextMeter(Widget):
@@ -71,14 +78,16 @@ class ContextMeter(Widget):
         filled = min(self.BAR, round(state.fraction * self.BAR))
         bar = "▰" * filled + "▱" * (self.BAR - filled) + " "
         limit = f"{state.limit:,}" + (f" {state.label}" if state.label else "")
-        alert = ("⚠ full" if state.fraction >= 1 else "⚠ nearly full") \
-            if state.fraction > WARN_AT else ""
+        alert = ("⚠ over: the oldest turns drop on send" if state.over
+                 else "⚠ full" if state.fraction >= 1
+                 else "⚠ nearly full" if state.fraction > WARN_AT else "")
+        used = min(state.used, state.limit)
         saved = state.reasoning_saved
         reasoning = [f"reasoning from earlier turns not resent: {saved:,} tokens",
                      f"earlier reasoning not resent: {saved:,} tok",
                      f"not resent: {saved:,} tok"] if saved else [""]
-        meters = [f"ctx {bar}{state.used:,}/{limit} {state.fraction:.0%}",
-                  f"ctx {state.used:,}/{limit} {state.fraction:.0%}"]
+        meters = [f"ctx {bar}{used:,}/{limit} {state.fraction:.0%}",
+                  f"ctx {used:,}/{limit} {state.fraction:.0%}"]
         kv = f"KV {byte_size(state.kv_bytes)}"
         think_short = state.thinking.replace("thinking ", "think ")
         # From the fullest wording to the tersest; the first that fits is shown.
@@ -93,8 +102,12 @@ class ContextMeter(Widget):
 
     @staticmethod
     def describe(state: ContextState) -> str:
-        lines = [f"{state.used:,} of {state.limit:,} context positions used"
-                 + (f" ({state.label})" if state.label else ""),
+        if state.over:
+            first = (f"The chat holds {state.used:,} tokens, more than the {state.limit:,}-"
+                     "token context: the next message drops the oldest turns")
+        else:
+            first = f"{state.used:,} of {state.limit:,} context positions used"
+        lines = [first + (f" ({state.label})" if state.label else ""),
                  f"The KV cache holds {byte_size(state.kv_bytes)}."]
         if state.fraction > WARN_AT:
             lines.append("When a message no longer fits, the oldest turns are dropped "
