@@ -93,10 +93,10 @@ def hf_incremental_logits(model, ids: np.ndarray, prefill: int) -> np.ndarray:
     with torch.no_grad():
         r = model(torch.tensor(ids[:, :prefill]), use_cache=True)
         out.append(r.logits.float().numpy())
-        past = r.past_key_values
+        past = r.cache  # transformers 5.24 renamed past_key_values (removed in 5.40)
         for t in range(prefill, ids.shape[1]):
-            r = model(torch.tensor(ids[:, t:t + 1]), past_key_values=past, use_cache=True)
-            past = r.past_key_values
+            r = model(torch.tensor(ids[:, t:t + 1]), cache=past, use_cache=True)
+            past = r.cache
             out.append(r.logits.float().numpy())
     return np.concatenate(out, axis=1)
 
