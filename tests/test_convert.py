@@ -245,9 +245,11 @@ class _Lab:
         tiktoken = _qwen1_tiktoken()
         folder = self.root / "qwen1-hf"
         folder.mkdir()
+        # The real qwen.tiktoken goes with it, so the embedding needs Qwen1's 151,851 rows
+        # (151,936 as published): a tokenizer past the embedding is refused at load.
         cfg = qwen1_config(seq_length=2048, rotary_emb_base=10000, rotary_pct=1.0,
                            use_dynamic_ntk=True, use_logn_attn=True, no_bias=True,
-                           tie_word_embeddings=False)
+                           tie_word_embeddings=False, vocab_size=151936)
         cfg["auto_map"] = {"AutoConfig": "configuration_qwen.QWenConfig",
                            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
         weights = qwen1_weights(cfg, seed=5)
@@ -365,7 +367,10 @@ def test_result_figures(lab, family):
     for variant in VARIANTS:
         res, lines = lab.result(family, variant)
         assert res.parameters == src.parameters, variant
-        assert res.shards == 1 == len(list(res.path.glob("*.safetensors")))
+        # One shard, except Qwen1's float copy: its real-vocabulary embedding and head pass
+        # the writer's 64 MB flush size.
+        assert res.shards == len(list(res.path.glob("*.safetensors")))
+        assert res.shards == 1 or (family, variant) == ("qwen", "float")
         assert res.kept_float == [], "group 32 divides every width: nothing stays float"
         assert not any("kept in floats" in line for line in lines), lines
         assert res.size_bytes == sum(p.stat().st_size for p in res.path.glob("*.safetensors"))

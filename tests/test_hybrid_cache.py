@@ -182,3 +182,20 @@ def test_vision_placeholders_are_refused(loaded):
             generate(model, tokenizer, [3, 7, 9], max_tokens=2)
     finally:
         model.config = original
+
+
+def test_bfloat16_keeps_a_log_norms_and_state_in_float32(cases):
+    case = cases.get("qwen3_5-nested-untied")
+    model, _ = qwen_mlx.load(case.folder, dtype="bfloat16")
+    layers = model.model.layers
+    linear = next(layer for layer in layers if layer.kind == "linear")
+    assert linear.linear_attn.A_log.dtype == mx.float32
+    assert linear.input_layernorm.weight.dtype == mx.float32  # 1 + w, formed in float32
+    assert linear.linear_attn.in_proj_qkv.weight.dtype == mx.bfloat16
+    cache = model.make_cache()
+    logits = model(mx.array(case.ids[:, :80]), cache=cache)
+    assert logits.dtype == mx.bfloat16
+    state = next(c for c in cache if isinstance(c, LinearCache)).recurrent_state
+    assert state.dtype == mx.float32
+    err = np.abs(np.array(logits.astype(mx.float32)) - case.full_logits()[:, :80]).max()
+    assert err < 0.25 * np.abs(case.full_logits()).max()

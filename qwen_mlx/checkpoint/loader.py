@@ -236,6 +236,8 @@ def set_compute_dtype(model: Model, dtype: mx.Dtype) -> None:
     model.set_dtype(dtype)
     for module, key, value in originals:
         module[key] = value.astype(mx.float32)
+        if isinstance(module, RMSNorm):
+            module.output_dtype = dtype
     if dtype != mx.float32 and mx.default_device() == mx.cpu:
         # MLX's CPU gather_mm runs in float32 only (mlx 0.32).
         for _, module in model.named_modules():

@@ -15,18 +15,19 @@ import mlx.nn as nn
 
 
 class RMSNorm(nn.Module):
-    """`mx.fast.rms_norm`; a float32 weight (zero-centred norms) keeps the product in float32."""
+    """`mx.fast.rms_norm`. The loader keeps a zero-centred norm's 1 + w in float32 and
+    sets `output_dtype` to the compute dtype: the product is formed in float32, then
+    cast once, as the reference does."""
 
     def __init__(self, dims: int, eps: float = 1e-6):
         super().__init__()
         self.weight = mx.ones((dims,))
         self.eps = eps
+        self.output_dtype = None
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = self["weight"]
-        if w.dtype == x.dtype:
-            return mx.fast.rms_norm(x, w, self.eps)
-        return mx.fast.rms_norm(x.astype(mx.float32), w.astype(mx.float32), self.eps).astype(x.dtype)
+        y = mx.fast.rms_norm(x, self["weight"], self.eps)  # promotes to the wider dtype
+        return y if self.output_dtype is None else y.astype(self.output_dtype)
 
 
 class GatedRMSNorm(nn.Module):
