@@ -896,3 +896,74 @@ def test_chat_on_a_folder_that_cannot_load_fails_before_the_window(tiny, tmp_pat
     text = out.decode(errors="replace")
     assert proc.returncode == 2, text
     assert f"{folder / missing}" in text and "Traceback" not in text
+
+
+# ------------------------------------------------------------------ prefill progress
+
+
+class SmallChunks(ChatSession):
+    """A real ChatSession that prefills 8 tokens at a time, so a short prompt takes
+    several chunks; it stops on its third poll until released, mid-prefill."""
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, prefill_step_size=8, **kwargs)
+
+    def respond(self, *, cancel=None, **options):
+        polls = [0]
+
+        def gated() -> bool:
+            stop = cancel()
+            polls[0] += 1
+            if polls[0] == 3:
+                type(self).started.set()
+                type(self).release.wait(30)
+            return stop
+
+        yield from super().respond(cancel=gated, **options)
+
+
+def test_prefill_progress_is_posted_before_the_first_token(tiny):
+    from tui.settings import Settings
+    from tui.streaming import PrefillProgress, TurnProgress
+    from tui.turns import TurnRequest, run_turn
+
+    _, model, tokenizer = tiny
+    session = ChatSession(model, tokenizer, prefill_step_size=8)
+    posted = []
+    text = "the quick brown fox jumps over the lazy dog. " * 3
+    run_turn(TurnRequest("send", 1, Settings(temperature=0.0, max_tokens=3), text), session,
+             threading.Event(), post=posted.append, clock=time.monotonic, interval=0)
+    kinds = [type(m) for m in posted]
+    first_token = kinds.index(TurnProgress)
+    progress = [m for m in posted[:first_token] if isinstance(m, PrefillProgress)]
+    prompt = len(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                               add_generation_prompt=True))
+    assert len(progress) >= prompt // 8 - 1 and all(m.total == prompt - 1 for m in progress)
+    done = [m.done for m in progress]
+    assert done[0] == 0 and done == sorted(done) and done[-1] >= prompt - 1 - 8
+    assert PrefillProgress not in kinds[first_token:]  # decoding posts none
+
+
+async def test_the_status_line_shows_prefill_progress(tiny, tmp_path):
+    SmallChunks.started.clear()
+    SmallChunks.release.clear()
+    app = make_app(tiny, tmp_path, session_factory=SmallChunks)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = app.chat
+        await wait_for(pilot, lambda: chat.session is not None)
+        chat.prompt.set_text("the quick brown fox jumps over the lazy dog. " * 3)
+        stats = chat.query_one("#stats")
+        await pilot.press("enter")
+        try:
+            await wait_for(pilot, SmallChunks.started.is_set, what="the prefill")
+            await wait_for(pilot, lambda: "prefill 16/" in str(stats.render()),
+                           what="the progress")
+            assert "tok/s" in str(stats.render())
+            assert "reading the prompt: 16/" in str(replies(app)[-1].note.render())
+        finally:
+            SmallChunks.release.set()
+        await wait_for(pilot, lambda: not chat.busy)
+        assert "TTFT" in str(stats.render())

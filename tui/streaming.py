@@ -39,6 +39,18 @@ class TurnProgress(Message):
         self.kv_bytes = kv_bytes  # the KV cache as it grows; None when not known
 
 
+class PrefillProgress(Message):
+    """The prompt is being run into the cache: `done` of `total` new tokens so far."""
+
+    def __init__(self, turn: int, done: int, total: int, seconds: float) -> None:
+        super().__init__()
+        self.turn, self.done, self.total, self.seconds = turn, done, total, seconds
+
+    @property
+    def tps(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
 class TurnTrimmed(Message):
     """Older messages were dropped from the context so that the new prompt fits."""
 

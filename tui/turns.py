@@ -8,6 +8,7 @@ never waits).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from .context import (
     turns_to_drop,
 )
 from .settings import Settings
-from .streaming import TurnDone, TurnStreamer, TurnTrimmed
+from .streaming import PrefillProgress, TurnDone, TurnStreamer, TurnTrimmed
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ def run_turn(request: TurnRequest, session: Any, cancel: threading.Event, *,
     before = session.messages[-1] if session.messages else None
     error = None
     try:
-        index = fit_to_context(request, session, post)
-        options = dict(max_tokens=settings.max_tokens, cancel=cancel, **settings.sampling())
+        index, prompt_tokens = fit_to_context(request, session, post)
+        watch = PrefillWatch(cancel, post, request.turn, session, prompt_tokens)
+        options = dict(max_tokens=settings.max_tokens, cancel=watch, **settings.sampling())
         if request.kind == "send":
             replies = session.send(request.text, **options)
         elif request.kind == "edit":
@@ -57,6 +59,7 @@ def run_turn(request: TurnRequest, session: Any, cancel: threading.Event, *,
         else:
             replies = session.regenerate(**options)
         for r in replies:
+            watch.prefilling = False
             streamer.add(r)
     except (ContextFull, QwenMLXError) as e:
         error = str(e)
@@ -80,10 +83,38 @@ def run_turn(request: TurnRequest, session: Any, cancel: threading.Event, *,
         reasoning_saved=saved, error=error, replied=replied))
 
 
-def fit_to_context(request: TurnRequest, session: Any, post: Callable[[Message], Any]) -> int:
+class PrefillWatch:
+    """The turn's cancel check, which the library polls between prefill chunks (and
+    after each token): it also posts PrefillProgress from the cache's growth, since a
+    long prompt takes seconds before its first token."""
+
+    def __init__(self, cancel: threading.Event, post: Callable[[Message], Any], turn: int,
+                 session: Any, prompt_tokens: int) -> None:
+        self.cancel, self.post, self.turn = cancel, post, turn
+        self.session, self.prompt_tokens = session, prompt_tokens
+        self.prefilling = True  # until the first response
+        self._start: tuple[float, int] | None = None
+
+    def __call__(self) -> bool:
+        if self.prefilling:
+            offset = getattr(self.session.cache[0], "offset", None)
+            if isinstance(offset, int):
+                now = time.perf_counter()
+                if self._start is None:  # the first poll: what the cache reused
+                    self._start = (now, offset)
+                began, reused = self._start
+                # The last prompt token runs with the first decode step, not in a chunk.
+                total = max(0, self.prompt_tokens - 1 - reused)
+                self.post(PrefillProgress(self.turn, min(offset - reused, total), total,
+                                          now - began))
+        return self.cancel.is_set()
+
+
+def fit_to_context(request: TurnRequest, session: Any,
+                   post: Callable[[Message], Any]) -> tuple[int, int]:
     """Drop the oldest turns from the session when the prompt would not fit, and post
-    TurnTrimmed; returns the edit index shifted by what was dropped. Raises ContextFull
-    when the new message alone does not fit."""
+    TurnTrimmed; returns (the edit index shifted by what was dropped, the prompt's
+    length in tokens). Raises ContextFull when the new message alone does not fit."""
     messages = session.messages
     new_user = [{"role": "user", "content": request.text}]
     if request.kind == "send":
@@ -99,7 +130,7 @@ def fit_to_context(request: TurnRequest, session: Any, post: Callable[[Message],
     drop = turns_to_drop(session.tokenizer, upcoming, limit=limit, reserve=reserve,
                          enable_thinking=think)
     if not drop:
-        return request.index
+        return request.index, prompt_length(session.tokenizer, upcoming, enable_thinking=think)
     head = 1 if messages and messages[0]["role"] == "system" else 0
     full = prompt_length(session.tokenizer, upcoming, enable_thinking=think)
     kept = prompt_length(session.tokenizer, upcoming[:head] + upcoming[head + drop:],
@@ -113,4 +144,4 @@ def fit_to_context(request: TurnRequest, session: Any, post: Callable[[Message],
     session.cache = session.model.make_cache(kv_bits=bits)
     session.cached = []
     post(TurnTrimmed(request.turn, [dict(m) for m in dropped], full - kept))
-    return request.index - drop
+    return request.index - drop, kept

@@ -24,7 +24,7 @@ from qwen_mlx.text.thinking import thinking_enabled
 from ..context import WARN_AT, history_length, kv_cache_bytes, limit_label, reasoning_not_resent
 from ..stats import TurnStats
 from ..store import ChatRecord
-from ..streaming import ThinkingInfo, TurnDone, TurnProgress, TurnTrimmed
+from ..streaming import PrefillProgress, ThinkingInfo, TurnDone, TurnProgress, TurnTrimmed
 from ..text import code_blocks
 from ..turns import TurnRequest, run_turn
 from ..widgets.conversation import Conversation
@@ -117,6 +117,7 @@ class ChatScreen(Screen):
         self._mounted = False
         self._sent_text = ""  # the text of the turn in flight, given back if it cannot be sent
         self._draft = ""  # the message box's text when an edit began, given back after it
+        self._streaming = False  # the turn in flight has produced a token
 
     # ------------------------------------------------------------------ layout
 
@@ -373,6 +374,8 @@ class ChatScreen(Screen):
         self.turn += 1
         self._sent_text = text
         self.busy, self.reply, self.cancel_event = True, reply, threading.Event()
+        self._streaming = False  # no token yet: the stats line follows the prefill
+        self.query_one(StatsBar).show(None, prefix="▶ reading the prompt…")
         self.refresh_bindings()
         request = TurnRequest(kind, self.turn, self.app.settings, text, session_index)
         self._run_turn(request, self.session, self.cancel_event)
@@ -409,9 +412,21 @@ class ChatScreen(Screen):
             else widgets[-1]
         await self.conversation.mount(notice, before=anchor)
 
+    def on_prefill_progress(self, message: PrefillProgress) -> None:
+        if message.turn != self.turn or self.reply is None or self._streaming:
+            return
+        line = f"prefill {message.done:,}/{message.total:,} tokens"
+        if message.done:
+            line += f" · {message.tps:,.0f} tok/s"
+        self.query_one(StatsBar).show(None, prefix=f"▶ {line}")
+        if self.reply.waiting and not (self.cancel_event and self.cancel_event.is_set()):
+            self.reply.set_note(f"reading the prompt: {message.done:,}/{message.total:,} "
+                                "tokens…")
+
     async def on_turn_progress(self, message: TurnProgress) -> None:
         if message.turn != self.turn or self.reply is None:
             return
+        self._streaming = True
         await self.reply.add(message.pieces, message.thinking)
         if message.stats is not None:
             self.query_one(StatsBar).show(message.stats, prefix="▶ ")

@@ -125,6 +125,11 @@ class AssistantMessage(MessageView):
         for name in ("error", "warning"):
             self.note.set_class(kind == name, name)
 
+    @property
+    def waiting(self) -> bool:
+        """Streaming has begun but no text has arrived yet."""
+        return self._waiting
+
     def start(self) -> None:
         """Streaming begins: the reasoning block opens expanded as text arrives."""
         self.thinking_block.collapsed = False
