@@ -967,3 +967,15 @@ async def test_the_status_line_shows_prefill_progress(tiny, tmp_path):
             SmallChunks.release.set()
         await wait_for(pilot, lambda: not chat.busy)
         assert "TTFT" in str(stats.render())
+
+
+async def test_a_bad_value_in_settings_json_is_named_and_the_rest_kept(tiny, tmp_path):
+    folder, model, tokenizer = tiny
+    (tmp_path / "settings.json").write_text(json.dumps(
+        {"system_prompt": "You are a pirate.", "top_p": 5, "max_tokens": 9}))
+    app = ChatApp(folder, data_dir=tmp_path, preloaded=(model, tokenizer))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: any("top_p" in n for n in notes(app)), what="the warning")
+        assert app.settings.system_prompt == "You are a pirate." and app.settings.top_p is None
+        assert app.settings.max_tokens == 9
+        assert app.chat.record.messages[0]["content"] == "You are a pirate."
