@@ -60,6 +60,10 @@ CHECK_PROMPTS = [
 ]
 
 
+class TargetExistsError(QwenMLXError):
+    """The output folder exists (or appeared while converting) and force was not given."""
+
+
 @dataclass
 class QuantCheck:
     """How far the converted model's next-token distributions are from the source's."""
@@ -265,9 +269,9 @@ def _dropped(mapper: WeightMapper, name: str) -> bool:
         ("visual.", "model.visual.", "vision_tower.")))
 
 
-# Checked in slices of this many values, so the check's boolean temporary stays small
-# beside a large embedding.
-_FINITE_CHUNK = 1 << 23
+# Checked in slices of this many values, so the check's temporary stays small beside a
+# large embedding.
+_FINITE_CHUNK = 1 << 22
 
 
 def _check_finite(t: mx.array, origin: str, problem: str | None = None) -> None:
@@ -278,8 +282,9 @@ def _check_finite(t: mx.array, origin: str, problem: str | None = None) -> None:
     """
     flat = t.reshape(-1)
     starts = range(0, flat.size, _FINITE_CHUNK)
-    flags = [mx.all(mx.isfinite(flat[i:i + _FINITE_CHUNK])) for i in starts]
-    if all(bool(f.item()) for f in flags):
+    # x * 0 is 0 for every finite x and NaN for NaN and ±inf, so one sum tells; it costs
+    # about 40% of all(isfinite(x)) on the CPU (measured, mlx 0.32.4) and cannot overflow.
+    if all(mx.sum(flat[i:i + _FINITE_CHUNK] * 0).item() == 0 for i in starts):
         return
     bad = sum(int(mx.sum(mx.logical_not(mx.isfinite(flat[i:i + _FINITE_CHUNK]))).item())
               for i in starts)
@@ -595,7 +600,7 @@ def _check_target(target: Path, force: bool) -> None:
         if not target.is_dir():
             raise QwenMLXError(f"{target} exists and is not a folder")
         if not force:
-            raise QwenMLXError(f"{target} already exists; pass --force to replace it")
+            raise TargetExistsError(f"{target} already exists; pass --force to replace it")
         if os.path.ismount(target):
             raise QwenMLXError(f"{target} is a mount point, which cannot be replaced: convert "
                                f"into a folder inside it instead, e.g. {target / target.name}")
@@ -627,9 +632,8 @@ class _Partial:
             else:
                 raise QwenMLXError(f"cannot find a free temporary name in {parent}")
         except OSError as e:
-            raise QwenMLXError(f"cannot create the output folder {target}: {parent} is not "
-                               f"writable ({e.strerror or e}); choose another output "
-                               "folder") from None
+            raise QwenMLXError(f"cannot create the output folder {target}: {e.strerror or e} "
+                               f"(in {parent}); choose another output folder") from None
         try:
             return cls(path, _write_owner(path, target))
         except OSError as e:
@@ -694,12 +698,18 @@ def _owner_alive(fd: int, record: dict) -> bool:
 def _clean_stale_partials(target: Path, log: Callable[[str], None]) -> None:
     """Remove partial folders left by killed conversions into `target`; say so."""
     # The random part is 8 characters: mkdtemp's alphabet (older versions) or hex.
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.partial")
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.(partial|old)")
     try:
         entries = [p for p in target.parent.iterdir() if pattern.fullmatch(p.name)]
     except OSError:
         return
     for folder in entries:
+        if folder.name.endswith(".old"):
+            # Only where renames cannot exchange: --force moved the old folder aside and
+            # was stopped before deleting it. It may be the only copy: never removed here.
+            log(f"note: {folder} holds the folder an interrupted --force conversion was "
+                f"replacing; delete it, or move it back to {target}")
+            continue
         if folder.is_symlink() or not folder.is_dir():
             continue
         try:
@@ -796,7 +806,7 @@ def _move_into_place(tmp: Path, target: Path, force: bool, protected: list[Path]
             return
         except FileExistsError:
             if not force:
-                raise QwenMLXError(
+                raise TargetExistsError(
                     f"{target} already exists: it appeared while converting (another "
                     "conversion into it?) and was left as it is; pass --force to replace it, "
                     "or choose another output folder") from None

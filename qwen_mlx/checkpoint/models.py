@@ -58,9 +58,15 @@ def prepare_model(source: str | None = None, *, revision: str | None = None,
             "(a Hugging Face or MLX checkpoint).") from None
     if _is_mlx_folder(snapshot):
         return snapshot
-    from .converter import convert
+    from .converter import TargetExistsError, convert
 
     log(f"First run with {source}: converting it to 4-bit into {target} (once).")
-    result = convert(snapshot, target, quantize=True, bits=4, progress=progress, log=log)
+    try:
+        result = convert(snapshot, target, quantize=True, bits=4, progress=progress, log=log)
+    except TargetExistsError:
+        # Another process (a second chat window) converted it meanwhile.
+        if (target / "config.json").exists():
+            return target
+        raise
     log(result.summary())
     return result.path
