@@ -969,6 +969,29 @@ async def test_the_status_line_shows_prefill_progress(tiny, tmp_path):
         assert "TTFT" in str(stats.render())
 
 
+async def test_stopping_during_prefill_says_so_and_keeps_the_history(tiny, tmp_path):
+    SmallChunks.started.clear()
+    SmallChunks.release.clear()
+    app = make_app(tiny, tmp_path, session_factory=SmallChunks)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = app.chat
+        await wait_for(pilot, lambda: chat.session is not None)
+        before = list(chat.record.messages)
+        chat.prompt.set_text("the quick brown fox jumps over the lazy dog. " * 3)
+        await pilot.press("enter")
+        try:
+            await wait_for(pilot, SmallChunks.started.is_set, what="the prefill")
+            await pilot.press("escape")
+        finally:
+            SmallChunks.release.set()
+        await wait_for(pilot, lambda: not chat.busy, what="the stop")
+        notices = [str(n.render()) for n in chat.query(NoticeMessage)]
+        assert any("stopped before the reply began" in n for n in notices), notices
+        assert not any("None" in n for n in notices), notices
+        assert chat.record.messages == before
+        assert chat.prompt.text.startswith("the quick brown fox")  # the draft comes back
+
+
 async def test_a_bad_value_in_settings_json_is_named_and_the_rest_kept(tiny, tmp_path):
     folder, model, tokenizer = tiny
     (tmp_path / "settings.json").write_text(json.dumps(

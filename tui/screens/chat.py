@@ -458,7 +458,10 @@ class ChatScreen(Screen):
             # history as it stands and give the text back to the message box.
             record.meta = (record.meta + [None] * len(transcript))[:len(transcript)]
             await self._rebuild()
-            await self.conversation.mount(NoticeMessage(f"⚠ {message.error}", kind="error"))
+            # No error: the user stopped the turn before its first token.
+            notice = (NoticeMessage(f"⚠ {message.error}", kind="error") if message.error
+                      else NoticeMessage("stopped before the reply began"))
+            await self.conversation.mount(notice)
             if not self.prompt.text:
                 self.prompt.set_text(self._sent_text)
         self.busy, self.reply, self.cancel_event = False, None, None
