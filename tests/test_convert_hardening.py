@@ -331,7 +331,7 @@ def nested(tmp_path, source):
     ("store", "holds the source's files"),  # the folder its shards live in
     (".", "contains the source"),
     ("a/b/src/mlx", "is inside the source folder"),
-    ("store/mlx", "is inside the source folder"),
+    ("link-to-a/b/src/mlx", "is inside the source folder"),
 ])
 def test_target_that_holds_the_source_is_refused(nested, target, match):
     root, src = nested
@@ -339,7 +339,16 @@ def test_target_that_holds_the_source_is_refused(nested, target, match):
     with pytest.raises(QwenMLXError, match=match):
         qwen_mlx.convert(src, root / target, force=True, progress=False)
     assert {p: tree(p) for p in (root / "a", root / "store")} == before
-    assert not (src / "mlx").exists() and not (root / "store" / "mlx").exists()
+    assert not (src / "mlx").exists()
+
+
+def test_target_beside_the_files_the_source_links_to_is_fine(nested, source):
+    """Inside a folder the shards link into: nothing there is replaced, so it is allowed."""
+    root, src = nested
+    before = tree(root / "store")
+    out = qwen_mlx.convert(src, root / "store" / "mlx", force=True, progress=False).path
+    check_loads(out, source[0])
+    assert {k: v for k, v in tree(root / "store").items() if not k.startswith("mlx/")} == before
 
 
 HUB_CHILD = textwrap.dedent(r"""
@@ -446,6 +455,29 @@ def test_unwritable_parent_folder(tmp_path, source):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert f"cannot create the output folder {parent / 'out'}" in r.stderr
     assert "Permission denied" in r.stderr and list(parent.iterdir()) == []
+
+
+def test_force_over_a_folder_whose_files_cannot_be_deleted(tmp_path, source):
+    hf, folder = source
+    target = tmp_path / "out"
+    (target / "locked").mkdir(parents=True)
+    (target / "locked" / "old.bin").write_bytes(b"old")
+    (target / "locked").chmod(0o555)
+    try:
+        try:
+            (target / "locked" / "probe").mkdir()
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this user deletes through folder permissions (root)")
+        logs: list[str] = []
+        qwen_mlx.convert(folder, target, force=True, progress=False, log=logs.append)
+        check_loads(target, hf)
+        warning = [m for m in logs if "could not all be removed" in m]
+        assert warning and "delete" in warning[0] and "by hand" in warning[0], logs
+    finally:
+        for p in tmp_path.rglob("locked"):
+            p.chmod(0o755)
 
 
 def test_mount_point_with_force(tmp_path, source, mounts):

@@ -554,17 +554,26 @@ def _log_softmax(logits: mx.array) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _source_folders(source: Path) -> list[Path]:
-    """Every folder the source's files live in, resolved: a replaced target must hold none.
+@dataclass
+class _SourceFolders:
+    """Where a source lives, resolved: what no target may be, hold, or (roots) lie in."""
+
+    roots: list[Path]  # the source folder, and a hub repo's whole cache folder
+    files: list[Path]  # other folders its files live in (through links)
+
+
+def _source_folders(source: Path) -> _SourceFolders:
+    """The source folder and every folder its files live in.
 
     A hub snapshot's files are links into the cache's blobs, so that folder counts,
-    and so does the repo's cache folder (blobs, refs and snapshots) as a whole.
+    and the repo's cache folder (blobs, refs and snapshots) is a root as a whole.
     """
     real = source.resolve()
-    folders = {f.resolve().parent for f in source.iterdir() if f.is_file()} - {real}
+    roots = [real]
     if real.parent.name == "snapshots":
-        folders.add(real.parent.parent)
-    return [real, *sorted(folders)]
+        roots.append(real.parent.parent)
+    files = {f.resolve().parent for f in source.iterdir() if f.is_file()} - set(roots)
+    return _SourceFolders(roots, sorted(files))
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -574,22 +583,24 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _refuse_source_overlap(target: Path, protected: list[Path]) -> None:
-    """Refuse a target that is the source, holds it, or lies inside it (links followed).
+def _refuse_source_overlap(target: Path, where: _SourceFolders) -> None:
+    """Refuse a target that is the source, holds it or its files, or lies inside it.
 
-    `protected` is `_source_folders`: the source first, then where its files live.
+    Links are followed; a folder inside one the source's files merely link into is fine.
     """
     real = target.resolve()
+    everything = [*where.roots, *where.files]
     # By identity, not by name: symlinks, bind mounts and case-insensitive names agree.
-    for folder in protected:
+    for folder in everything:
         if _same(real, folder):
-            what = "is the source folder" if folder == protected[0] else "holds the source's files"
+            what = "is the source folder" if folder == where.roots[0] else (
+                "holds the source's files")
             raise QwenMLXError(f"{target} {what} ({folder}); choose another output folder")
-    for folder in protected:
+    for folder in everything:
         if any(_same(real, up) for up in folder.parents):
             raise QwenMLXError(f"{target} contains the source ({folder}): replacing it would "
                                "delete the source; choose an output folder outside it")
-    for folder in protected:
+    for folder in where.roots:
         if any(_same(up, folder) for up in real.parents):
             raise QwenMLXError(f"{target} is inside the source folder {folder}; choose an "
                                "output folder outside it")
@@ -797,7 +808,7 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         raise
 
 
-def _move_into_place(tmp: Path, target: Path, force: bool, protected: list[Path],
+def _move_into_place(tmp: Path, target: Path, force: bool, protected: _SourceFolders,
                      log: Callable[[str], None]) -> None:
     """Rename the finished folder to `target`, never replacing what `force` does not allow."""
     try:
