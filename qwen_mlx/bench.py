@@ -43,12 +43,47 @@ SHAPES: dict[str, dict] = {
                                       num_key_value_heads=4, head_dim=128,
                                       vocab_size=151936, tie_word_embeddings=False,
                                       num_hidden_layers=48),
+    # The hybrids (Gated DeltaNet + gated attention), written in the published layout:
+    # nested text_config, model.language_model.* names, fused experts for Qwen3.5-MoE.
+    "qwen3.5-0.8b-shape": dict(model_type="qwen3_5", hidden_size=1024, intermediate_size=3584,
+                               num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+                               linear_num_key_heads=16, linear_num_value_heads=16,
+                               linear_key_head_dim=128, linear_value_head_dim=128,
+                               linear_conv_kernel_dim=4, vocab_size=248320,
+                               tie_word_embeddings=True, num_hidden_layers=24),
+    "qwen3.5-35b-a3b-shape-small": dict(model_type="qwen3_5_moe", hidden_size=2048,
+                                        num_attention_heads=16, num_key_value_heads=2,
+                                        head_dim=256, linear_num_key_heads=16,
+                                        linear_num_value_heads=32, linear_key_head_dim=128,
+                                        linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                                        num_experts=256, num_experts_per_tok=8,
+                                        moe_intermediate_size=512,
+                                        shared_expert_intermediate_size=512,
+                                        vocab_size=248320, tie_word_embeddings=False,
+                                        num_hidden_layers=40),
+    "qwen3-next-80b-a3b-shape-small": dict(model_type="qwen3_next", hidden_size=2048,
+                                           intermediate_size=5120, num_attention_heads=16,
+                                           num_key_value_heads=2, head_dim=256,
+                                           linear_num_key_heads=16, linear_num_value_heads=32,
+                                           linear_key_head_dim=128, linear_value_head_dim=128,
+                                           linear_conv_kernel_dim=4, num_experts=512,
+                                           num_experts_per_tok=10, moe_intermediate_size=512,
+                                           shared_expert_intermediate_size=512,
+                                           norm_topk_prob=True, vocab_size=151936,
+                                           tie_word_embeddings=False, num_hidden_layers=48),
     # For tests of the harness itself.
     "tiny-moe-shape": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128,
                            moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                            norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, vocab_size=300, tie_word_embeddings=False,
                            num_hidden_layers=2),
+    "tiny-hybrid-shape": dict(model_type="qwen3_5_moe", hidden_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
+                              linear_num_value_heads=4, linear_key_head_dim=32,
+                              linear_value_head_dim=32, linear_conv_kernel_dim=4,
+                              num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                              shared_expert_intermediate_size=64, vocab_size=300,
+                              tie_word_embeddings=False, num_hidden_layers=4),
     "tiny-shape": dict(model_type="qwen3", hidden_size=64, intermediate_size=128,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                        vocab_size=300, tie_word_embeddings=True, num_hidden_layers=2),
@@ -71,6 +106,14 @@ def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None,
                rms_norm_eps=1e-6, torch_dtype="bfloat16")
     if layers:
         cfg["num_hidden_layers"] = layers
+    hybrid = "linear_num_key_heads" in cfg
+    if hybrid:
+        # Every fourth layer full attention, the rest Gated DeltaNet; with a few
+        # layers, the last is the full one so that both kinds are measured.
+        n = cfg["num_hidden_layers"]
+        cfg.update(rope_theta=1e7, partial_rotary_factor=0.25, full_attention_interval=4,
+                   layer_types=["full_attention" if (i + 1) % 4 == 0 or i == n - 1
+                                else "linear_attention" for i in range(n)])
     c = ModelConfig.from_dict(cfg)
     rng = np.random.default_rng(0)
 
@@ -78,30 +121,46 @@ def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None,
         return mx.array(rng.standard_normal(s, dtype=np.float32) * 0.02).astype(mx.bfloat16)
 
     def ones(n):
-        return mx.ones((n,), mx.bfloat16)
+        # Zero-centred norms store w for a factor of 1 + w.
+        return (mx.zeros if c.zero_centred_norms else mx.ones)((n,), mx.bfloat16)
 
     H, D = c.hidden_size, c.head_dim
-    t = {"model.embed_tokens.weight": r(c.vocab_size, H), "model.norm.weight": ones(H)}
+    # Qwen3.5's published checkpoints nest the language model (hybrid spec §4.2).
+    nested = c.family in ("qwen3_5", "qwen3_5_moe")
+    root = "model.language_model." if nested else "model."
+    t = {root + "embed_tokens.weight": r(c.vocab_size, H), root + "norm.weight": ones(H)}
     if not c.tie_word_embeddings:
         t["lm_head.weight"] = r(c.vocab_size, H)
     for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        t.update({p + "self_attn.q_proj.weight": r(c.num_heads * D, H),
-                  p + "self_attn.k_proj.weight": r(c.num_kv_heads * D, H),
-                  p + "self_attn.v_proj.weight": r(c.num_kv_heads * D, H),
-                  p + "self_attn.o_proj.weight": r(H, c.num_heads * D),
-                  p + "self_attn.q_norm.weight": ones(D),
-                  p + "self_attn.k_norm.weight": ones(D),
-                  p + "input_layernorm.weight": ones(H),
+        p = f"{root}layers.{i}."
+        t.update({p + "input_layernorm.weight": ones(H),
                   p + "post_attention_layernorm.weight": ones(H)})
+        if c.layer_kinds[i] == "linear":
+            t.update(_linear_attention(c, p + "linear_attn.", r, rng))
+        else:
+            t.update({p + "self_attn.q_proj.weight": r(c.num_heads * D * (2 if c.attention_gate else 1), H),
+                      p + "self_attn.k_proj.weight": r(c.num_kv_heads * D, H),
+                      p + "self_attn.v_proj.weight": r(c.num_kv_heads * D, H),
+                      p + "self_attn.o_proj.weight": r(H, c.num_heads * D),
+                      p + "self_attn.q_norm.weight": ones(D),
+                      p + "self_attn.k_norm.weight": ones(D)})
         if c.sparse_layers[i]:
             m = c.moe
             t[p + "mlp.gate.weight"] = r(m.num_experts, H)
-            for e in range(m.num_experts):
-                q = p + f"mlp.experts.{e}."
-                t[q + "gate_proj.weight"] = r(m.intermediate_size, H)
-                t[q + "up_proj.weight"] = r(m.intermediate_size, H)
-                t[q + "down_proj.weight"] = r(H, m.intermediate_size)
+            if nested:  # Qwen3.5-MoE's release fuses the experts: [E, 2I, H] and [E, H, I]
+                t[p + "mlp.experts.gate_up_proj"] = r(m.num_experts, 2 * m.intermediate_size, H)
+                t[p + "mlp.experts.down_proj"] = r(m.num_experts, H, m.intermediate_size)
+            else:
+                for e in range(m.num_experts):
+                    q = p + f"mlp.experts.{e}."
+                    t[q + "gate_proj.weight"] = r(m.intermediate_size, H)
+                    t[q + "up_proj.weight"] = r(m.intermediate_size, H)
+                    t[q + "down_proj.weight"] = r(H, m.intermediate_size)
+            if m.shared_intermediate_size:
+                q, width = p + "mlp.shared_expert.", m.shared_intermediate_size
+                t.update({q + "gate_proj.weight": r(width, H), q + "up_proj.weight": r(width, H),
+                          q + "down_proj.weight": r(H, width),
+                          p + "mlp.shared_expert_gate.weight": r(1, H)})
         else:
             t[p + "mlp.gate_proj.weight"] = r(c.intermediate_size, H)
             t[p + "mlp.up_proj.weight"] = r(c.intermediate_size, H)
@@ -125,9 +184,35 @@ def synthetic_checkpoint(folder: Path, shape: str, layers: int | None = None,
             weight_map.update(dict.fromkeys(part, name))
         (folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if nested:
+        text = {k: v for k, v in cfg.items() if k not in ("torch_dtype",)}
+        text["model_type"] = cfg["model_type"] + "_text"
+        cfg = {"model_type": cfg["model_type"], "architectures": [
+            "Qwen3_5MoeForConditionalGeneration" if c.moe else "Qwen3_5ForConditionalGeneration"],
+            "text_config": text, "tie_word_embeddings": cfg["tie_word_embeddings"],
+            "torch_dtype": "bfloat16"}
     (folder / "config.json").write_text(json.dumps(cfg))
     _byte_tokenizer(folder)
     return folder
+
+
+def _linear_attention(c, p: str, r, rng) -> dict:
+    """A Gated DeltaNet layer's tensors in the published (Hugging Face) layout."""
+    lc, H = c.linear, c.hidden_size
+    t = {p + "conv1d.weight": r(lc.conv_dim, 1, lc.conv_kernel) * 10,
+         p + "A_log": mx.array(np.log(rng.uniform(1, 16, lc.num_value_heads)).astype(np.float32)),
+         p + "dt_bias": mx.ones((lc.num_value_heads,), mx.bfloat16),
+         p + "norm.weight": mx.ones((lc.value_head_dim,), mx.float32),
+         p + "out_proj.weight": r(H, lc.value_dim)}
+    if c.family == "qwen3_next":  # grouped by key head: a permutation of the rows below
+        t[p + "in_proj_qkvz.weight"] = r(lc.conv_dim + lc.value_dim, H)
+        t[p + "in_proj_ba.weight"] = r(2 * lc.num_value_heads, H)
+    else:
+        t.update({p + "in_proj_qkv.weight": r(lc.conv_dim, H),
+                  p + "in_proj_z.weight": r(lc.value_dim, H),
+                  p + "in_proj_b.weight": r(lc.num_value_heads, H),
+                  p + "in_proj_a.weight": r(lc.num_value_heads, H)})
+    return t
 
 
 def _byte_tokenizer(folder: Path) -> None:
