@@ -172,7 +172,10 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
         _validate(tmp, None if quantize else (DTYPES[dtype] if dtype else stats.float_dtype))
         result_check = _check(source, tmp) if check else None
         partial.release()
+        _write_output("the converted files", target, lambda: _fsync_folder(tmp))
         _move_into_place(tmp, target, force, protected, log)
+        with contextlib.suppress(OSError):
+            _fsync_dir(target.parent)  # the rename itself, across a power loss
     except QwenMLXError as e:
         partial.discard()
         if str(tmp) in str(e):
@@ -506,6 +509,28 @@ def _write_output(name: str, target: Path, write: Callable[[], Any]) -> Any:
                            "was written") from None
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's files and entries to the disk, so a rename publishes whole files."""
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name == "nt":
+        return  # folders cannot be opened for fsync there
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _validate(folder: Path, dtype: mx.Dtype | None) -> None:
     """Load the result and run one forward pass before it replaces anything."""
     try:
@@ -674,7 +699,7 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
-def _write_owner(folder: Path, target: Path) -> int | None:
+def _write_owner(folder: Path, target: Path) -> int:
     """Write and lock the owner record; the lock is held until the returned fd closes."""
     record = {"pid": os.getpid(), "host": socket.gethostname(), "target": target.name,
               "started": _process_start(os.getpid())}
