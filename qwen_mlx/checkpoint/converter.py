@@ -5,9 +5,14 @@ shard index), so `qwen_mlx.load` and mlx-lm both load it as it is.
 
 The work streams: shards are opened lazily and each tensor is read, mapped,
 quantized and buffered on its own, so resident memory stays near one output
-shard, not the model's size. Everything is written into a temporary folder
-beside the target and renamed into place only once the result has loaded
-and run a forward pass; on any failure no partial folder is left behind.
+shard, not the model's size. Float tensors are checked for NaN and infinite
+values as they pass, since quantizing would turn those into ordinary numbers.
+
+Everything is written into a hidden folder beside the target and renamed into
+place only once the result has loaded and run a forward pass; on any failure
+no partial folder is left behind. The rename never replaces what appeared at
+the target meanwhile (unless `force`), a target that is or holds the source
+is refused, and a killed conversion's folder is removed by the next one.
 """
 
 from __future__ import annotations
