@@ -98,6 +98,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--check", action="store_true",
                    help="report KL divergence and top-1 agreement against the source")
+    p.add_argument("--no-mtp", dest="mtp", action="store_false",
+                   help="leave out a Qwen3.5/3.6/Next checkpoint's multi-token-prediction "
+                        "head (kept by default, in mtp.safetensors, for speculative decoding)")
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -109,7 +112,7 @@ def run_convert(args: argparse.Namespace) -> int:
     result = convert(args.source, args.mlx_path, quantize=args.quantize or args.bits is not None,
                      bits=args.bits or 4, group_size=args.group_size, dtype=args.dtype,
                      recipe=args.recipe, revision=args.revision, force=args.force,
-                     dequantize=args.dequantize, check=args.check)
+                     dequantize=args.dequantize, check=args.check, mtp=args.mtp)
     print(result.summary())
     return 0
 

@@ -41,7 +41,7 @@ from ..errors import QwenMLXError, WeightsError
 from .hub import resolve_model_path
 from .loader import DTYPES, list_shards, load, load_tokenizer, read_shard
 from .quantize import BITS, GROUP_SIZES, RECIPES, plan, recipe_bits
-from .weights import WeightMapper, _is_buffer
+from .weights import WeightMapper, _is_buffer, detect_layout, is_zero_centred_norm
 
 try:
     import fcntl
@@ -105,7 +105,7 @@ class ConvertResult:
 def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize: bool = False,
             bits: int = 4, group_size: int = 64, dtype: str | None = None,
             recipe: str | None = None, revision: str | None = None, force: bool = False,
-            dequantize: bool = False, check: bool = False,
+            dequantize: bool = False, check: bool = False, mtp: bool = True,
             max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
             log: Callable[[str], None] = print) -> ConvertResult:
     """Convert a Qwen checkpoint into an MLX folder, optionally quantized.
@@ -122,6 +122,8 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
         force: replace an existing output folder.
         dequantize: turn a quantized MLX folder back into floats.
         check: report KL divergence and top-1 agreement against the source.
+        mtp: keep a hybrid's multi-token-prediction head (`mtp.*`, written to
+            mtp.safetensors, which mlx-lm does not read); False drops it.
     """
     started = time.perf_counter()
     if recipe is not None:
@@ -161,10 +163,15 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
         files = list_shards(source)
         largest = max(f.stat().st_size for f in files)
         writer = _ShardWriter(tmp, min(max_shard_bytes, max(largest, 64 * 2**20)))
+        # The MTP head goes to files of its own: mlx-lm reads model*.safetensors only, and
+        # would refuse tensors its model lacks.
+        mtp_writer = _ShardWriter(tmp, writer.max_bytes, prefix="mtp") if mtp else None
         stats = _convert_weights(files, config, writer, quantize=quantize, rec=rec, bits=bits,
                                  group_size=group_size, dtype=dtype, dequantize=dequantize,
-                                 progress=progress, log=log)
+                                 progress=progress, log=log, mtp_writer=mtp_writer)
         shards = _write_output("model.safetensors.index.json", target, writer.finish)
+        if mtp_writer is not None and (mtp_writer.files or mtp_writer.buffer):
+            _write_output("mtp.safetensors", target, mtp_writer.finish)
         out_config = output_config(config, quantization=stats.quantization if quantize else None,
                                    dtype=dtype)
         _write_output("config.json", target,
@@ -220,17 +227,22 @@ class _Stats:
 
 def _convert_weights(files: list[Path], config: ModelConfig, writer: "_ShardWriter", *, quantize: bool,
                      rec, bits: int, group_size: int, dtype: str | None, dequantize: bool,
-                     progress: bool, log) -> _Stats:
+                     progress: bool, log, mtp_writer: "_ShardWriter | None" = None) -> _Stats:
     from huggingface_hub.utils import tqdm
 
     stats = _Stats()
     default_bits = recipe_bits(rec, bits)
     stats.quantization = {"group_size": group_size, "bits": default_bits, "mode": "affine"}
     cast = DTYPES[dtype] if dtype else None
-    mapper = WeightMapper(config, keep_qwen1_names=True)
-    dequantizer = _Dequantizer(config) if dequantize else None
     shards = [(f, read_shard(f)) for f in files]  # lazy: headers only
+    # A hybrid's norms and conv are converted only once: the shapes tell whether the
+    # source was converted already (a folder being dequantized).
+    layout = detect_layout({n: tuple(t.shape) for _, ts in shards for n, t in ts.items()}, config)
+    mapper = WeightMapper(config, keep_qwen1_names=True, layout=layout,
+                          keep_grouped=config.family == "qwen3_next")
+    dequantizer = _Dequantizer(config) if dequantize else None
     total = sum(len(tensors) for _, tensors in shards)
+    dropped_mtp = 0
     with tqdm(total=total, unit="tensor", desc="converting", disable=not progress) as bar:
         for file, tensors in shards:
             bar.set_postfix_str(file.name, refresh=False)
@@ -241,24 +253,39 @@ def _convert_weights(files: list[Path], config: ModelConfig, writer: "_ShardWrit
                     # Before quantizing, which would turn NaN and inf into ordinary numbers.
                     _check_finite(w, origin)
                 for out_name, t in mapper.add(name, w):
+                    out = writer
+                    if out_name.startswith("mtp."):
+                        if mtp_writer is None:
+                            dropped_mtp += 1
+                            continue
+                        out = mtp_writer
+                    if is_zero_centred_norm(out_name) and t.dtype != w.dtype:
+                        # 1 + w in the checkpoint's dtype, as mlx-lm stores it: a float32
+                        # norm would turn mlx-lm's half-precision activations to float32.
+                        t = t.astype(w.dtype)
+                    # A_log stays float32 whatever --dtype says (hybrid spec §7).
+                    t_cast = None if out_name.endswith(".A_log") else cast
                     if dequantizer is not None:
                         for n, d in dequantizer.add(out_name, t):
-                            _emit_float(writer, stats, n, d, cast, origin)
+                            _emit_float(out, stats, n, d, t_cast, origin)
                     elif quantize and _is_matrix(out_name, t):
                         path = out_name[: -len(".weight")]
                         spec = plan(path, t.shape[-1], config, rec, bits, group_size)
                         if spec is None:
                             if not path.endswith((".mlp.gate", ".shared_expert_gate")):
                                 stats.kept_float.append(path)
-                            _emit_float(writer, stats, out_name, t, cast, origin)
+                            _emit_float(out, stats, out_name, t, cast, origin)
                             continue
-                        _emit_quantized(writer, stats, path, t, spec, cast, origin)
+                        _emit_quantized(out, stats, path, t, spec, cast, origin)
                         if spec[0] != default_bits:
                             stats.quantization[path] = {"group_size": spec[1], "bits": spec[0]}
                     else:
-                        _emit_float(writer, stats, out_name, t, cast, origin)
+                        _emit_float(out, stats, out_name, t, t_cast, origin)
                 bar.update(1)
     mapper.finish()
+    if dropped_mtp:
+        log(f"note: left out the multi-token-prediction head ({dropped_mtp} mtp.* tensors), "
+            "as --no-mtp asks")
     if dequantizer is not None:
         dequantizer.finish()
     if stats.kept_float:
@@ -268,7 +295,9 @@ def _convert_weights(files: list[Path], config: ModelConfig, writer: "_ShardWrit
 
 
 def _is_matrix(name: str, t: mx.array) -> bool:
-    return name.endswith(".weight") and t.ndim >= 2 and mx.issubdtype(t.dtype, mx.floating)
+    # A DeltaNet's depthwise conv weight is 3-D but no matmul: it stays in floats.
+    return (name.endswith(".weight") and t.ndim >= 2 and mx.issubdtype(t.dtype, mx.floating)
+            and not name.endswith("conv1d.weight"))
 
 
 def _dropped(mapper: WeightMapper, name: str) -> bool:
@@ -385,8 +414,8 @@ class _Dequantizer:
 class _ShardWriter:
     """Buffers evaluated tensors and writes safetensors shards of at most `max_bytes`."""
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
+    def __init__(self, folder: Path, max_bytes: int, prefix: str = "model"):
+        self.folder, self.max_bytes, self.prefix = folder, max_bytes, prefix
         self.buffer: dict[str, mx.array] = {}
         self.buffered = 0
         self.files: list[tuple[Path, list[str]]] = []
@@ -400,7 +429,7 @@ class _ShardWriter:
         self.buffered += t.nbytes
 
     def _flush(self) -> None:
-        path = self.folder / f"part-{len(self.files):05d}.safetensors"
+        path = self.folder / f"{self.prefix}-part-{len(self.files):05d}.safetensors"
         try:
             mx.save_safetensors(str(path), self.buffer, metadata={"format": "mlx"})
         except RuntimeError as e:
@@ -422,11 +451,12 @@ class _ShardWriter:
         n = len(self.files)
         weight_map = {}
         for i, (path, names) in enumerate(self.files, 1):
-            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            p = self.prefix
+            final = f"{p}.safetensors" if n == 1 else f"{p}-{i:05d}-of-{n:05d}.safetensors"
             path.rename(self.folder / final)
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return n
 
 
@@ -434,6 +464,20 @@ def output_config(config: ModelConfig, *, quantization: dict | None, dtype: str 
     """The source config in the published schema, explicit where mlx-lm's defaults differ."""
     out = dict(config.raw)
     out.pop("auto_map", None)  # remote code: never needed, never run
+    if config.is_hybrid:
+        return _hybrid_config(config, out, quantization=quantization, dtype=dtype)
+    if config.family in ("qwen3_vl", "qwen3_vl_moe"):
+        # Only the language model was converted: Qwen3-VL's is a plain Qwen3 (MoE) model
+        # for text (interleaved M-RoPE equals 1-D RoPE there), with its own θ and tie.
+        text = out.pop("text_config", None) or {}
+        out = {k: v for k, v in {**out, **text}.items()
+               if not k.startswith(("vision", "image", "video")) and k != "rope_scaling"}
+        moe = config.family == "qwen3_vl_moe"
+        out.update(model_type="qwen3_moe" if moe else "qwen3",
+                   architectures=["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"])
+        out.pop("dtype", None)
+        if config.torch_dtype:
+            out["torch_dtype"] = config.torch_dtype
     if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
         # Only the language model was converted: it is a plain Qwen2 model.
         text = out.pop("text_config", None) or {}
@@ -480,6 +524,63 @@ def output_config(config: ModelConfig, *, quantization: dict | None, dtype: str 
     if quantization is not None:
         out["quantization"] = dict(quantization)
         out["quantization_config"] = dict(quantization)  # mlx-lm writes both
+    if dtype is not None:
+        out["torch_dtype"] = dtype
+        out.pop("dtype", None)
+    return out
+
+
+def _hybrid_config(config: ModelConfig, out: dict, *, quantization: dict | None,
+                   dtype: str | None) -> dict:
+    """Qwen3-Next and Qwen3.5/3.6 configs with every value explicit that mlx-lm reads
+    differently or needs: mlx-lm takes θ and the rotary fraction from rope_parameters
+    for qwen3_5 and from top-level keys for qwen3_next, ties by text_config, and places
+    full layers by full_attention_interval only (so layer_types is written too)."""
+    nested = isinstance(out.get("text_config"), dict)
+    text = dict(out["text_config"]) if nested else out
+    c, lc = config, config.linear
+    rope = {"rope_type": "default", "rope_theta": c.rope.theta,
+            "partial_rotary_factor": c.rotary_dim / c.head_dim}
+    old = text.get("rope_parameters") or {}
+    for key in ("mrope_section", "mrope_interleaved"):
+        if key in old:
+            rope[key] = old[key]
+    text.update(
+        rope_parameters=rope, rope_theta=c.rope.theta, partial_rotary_factor=rope[
+            "partial_rotary_factor"], rope_scaling=None, tie_word_embeddings=c.tie_word_embeddings,
+        hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, vocab_size=c.vocab_size,
+        num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+        rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
+        linear_num_key_heads=lc.num_key_heads, linear_num_value_heads=lc.num_value_heads,
+        linear_key_head_dim=lc.key_head_dim, linear_value_head_dim=lc.value_head_dim,
+        linear_conv_kernel_dim=lc.conv_kernel,
+        layer_types=["full_attention" if k == "attention" else "linear_attention"
+                     for k in c.layer_kinds])
+    full = [i for i, k in enumerate(c.layer_kinds) if k == "attention"]
+    text["full_attention_interval"] = full[0] + 1 if full else c.num_layers + 1
+    if c.intermediate_size:
+        text["intermediate_size"] = c.intermediate_size
+    if c.moe:
+        m = c.moe
+        text.update(num_experts=m.num_experts, num_experts_per_tok=m.top_k,
+                    moe_intermediate_size=m.intermediate_size,
+                    shared_expert_intermediate_size=m.shared_intermediate_size,
+                    norm_topk_prob=m.norm_topk_prob,
+                    decoder_sparse_step=1,  # the dense layers are all listed below
+                    mlp_only_layers=[i for i, sparse in enumerate(c.sparse_layers) if not sparse])
+    text.pop("num_local_experts", None)
+    if nested:
+        out["text_config"] = text
+        out["tie_word_embeddings"] = c.tie_word_embeddings
+        out.pop("vision_config", None)  # the vision tower was left out
+    elif out.get("model_type") in ("qwen3_5_text", "qwen3_5_moe_text"):
+        # mlx-lm knows no *_text type, but reads a flat config named like the nested one.
+        out["model_type"] = out["model_type"][: -len("_text")]
+    for key in ("quantization", "quantization_config"):
+        out.pop(key, None)
+    if quantization is not None:
+        out["quantization"] = dict(quantization)
+        out["quantization_config"] = dict(quantization)
     if dtype is not None:
         out["torch_dtype"] = dtype
         out.pop("dtype", None)

@@ -10,6 +10,7 @@ unpickled.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -80,8 +81,8 @@ def _named_rope_scaling(kind: str, factor: float) -> dict:
                            "dynamic or default")
     if kind == "default":
         return {"rope_type": "default"}
-    if factor <= 1:
-        raise QwenMLXError(f"--rope-factor {factor} must be above 1")
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
+        raise QwenMLXError(f"rope factor {factor!r} (--rope-factor) must be a number above 1")
     return {"rope_type": kind, "factor": float(factor)}
 
 
@@ -146,6 +147,8 @@ def list_shards(folder: Path) -> list[Path]:
             if not f.exists():
                 raise WeightsError(f"{index} names {f.name}, which is missing from {folder}; "
                                    "the download or conversion is incomplete: fetch it again")
+        # A hybrid's MTP head, written beside the model's files (not in its index).
+        files += sorted(p for p in folder.glob("mtp*.safetensors") if p not in files)
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:

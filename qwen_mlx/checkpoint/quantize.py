@@ -10,6 +10,10 @@ are interchangeable:
   where low bits cost the most accuracy.
 Routers (`mlp.gate`, `shared_expert_gate`) always stay in floats: Qwen
 advises against quantizing them, and they are a tiny share of the weights.
+The Gated DeltaNet's β and decay projections (`in_proj_b`, `in_proj_a`, or
+Qwen3-Next's `in_proj_ba`) get at least 8 bits: low bits there garble the
+recurrent state (hybrid spec §7); its conv, A_log, dt_bias and norms are
+never quantized (they are not matrices).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def role(path: str) -> str:
         return "lm_head"
     if path.endswith((".mlp.gate", ".shared_expert_gate")):
         return "router"
+    if path.endswith((".in_proj_a", ".in_proj_b", ".in_proj_ba")):
+        return "decay"
     if path.endswith(".v_proj"):
         return "v"
     if path.endswith("down_proj") or re.search(r"\.h\.\d+\.mlp\.c_proj$", path):
@@ -71,6 +77,8 @@ def plan(path: str, in_dims: int, config: ModelConfig, recipe: Recipe, bits: int
     kind = role(path)
     if kind == "router" or in_dims % group_size:
         return None
+    if kind == "decay":
+        return max(8, bits, recipe.low_bits or 0), group_size
     if recipe.high_bits is None:
         return bits, group_size
     if kind in ("embed", "lm_head"):

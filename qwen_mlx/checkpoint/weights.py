@@ -51,6 +51,11 @@ _ZERO_CENTRED = re.compile(r"(^|\.)(input_layernorm|post_attention_layernorm|q_n
 _GROUPED = re.compile(r"^(.*\.linear_attn)\.(in_proj_qkvz|in_proj_ba)\.(\w+)$")
 
 
+def is_zero_centred_norm(name: str) -> bool:
+    """Whether `name` is a norm weight the hybrids store zero-centred (w for 1 + w)."""
+    return bool(_ZERO_CENTRED.search(name))
+
+
 def detect_layout(shapes: dict[str, tuple[int, ...]], config: ModelConfig) -> str:
     """"hf" when a hybrid checkpoint still needs the (1+w) shift and the conv axis
     moved, "mlx" when it was converted already (mlx-lm's or ours).
@@ -101,7 +106,7 @@ class WeightMapper:
     """
 
     def __init__(self, config: ModelConfig, *, keep_qwen1_names: bool = False,
-                 layout: str = "hf"):
+                 layout: str = "hf", keep_grouped: bool = False):
         self.config = config
         self.rename_qwen1 = config.family == "qwen" and not keep_qwen1_names
         self.is_vl = (config.model_type in ("qwen2_vl", "qwen2_5_vl")
@@ -109,6 +114,8 @@ class WeightMapper:
         # A Hugging Face hybrid checkpoint: shift its norms and move its conv axis.
         self.convert_hybrid = config.is_hybrid and layout == "hf"
         self.shift_norms = config.zero_centred_norms and layout == "hf"
+        # The converter writes Qwen3-Next's grouped projections as they are (mlx-lm's layout).
+        self.keep_grouped = keep_grouped
         self.skipped_vision = 0
         self._experts: dict[tuple, dict[int, mx.array]] = defaultdict(dict)
 
@@ -147,7 +154,7 @@ class WeightMapper:
                     "weights do not match the config")
             return [(name, w.moveaxis(2, 1))]  # [C, 1, K] -> MLX's [C, K, 1]
         m = _GROUPED.match(name)
-        if m and config.linear is not None:
+        if m and config.linear is not None and not self.keep_grouped:
             return _ungroup(m.group(1), m.group(2), m.group(3), w, config)
         m = _EXPERT.match(name)
         if m:
