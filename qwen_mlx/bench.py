@@ -298,6 +298,9 @@ class Report:
             m = self.multi_turn
             lines += ["", f"Multi-turn TTFT (turn {m['turns']}): {m['reused_ttft']:.2f} s with "
                       f"cache reuse vs {m['fresh_ttft']:.2f} s without ({m['speedup']:.1f}x)"]
+            if "peer_fresh_ttft" in m:
+                lines[-1] += (f"; mlx-lm, which cannot reuse a hybrid's cache: "
+                              f"{m['peer_fresh_ttft']:.2f} s ({m['speedup_vs_peer']:.1f}x)")
         if self.moe_routing:
             m = self.moe_routing
             lines += ["", f"MoE routing (router, softmax, top-k) per token: {m['routing_ms']:.3f} ms "
@@ -413,8 +416,9 @@ def _row(tool: str, context: int, runs: list[Run]) -> Row:
                max(dec) - min(dec), max(r.peak_memory_gb for r in runs), runs[-1].kv_bytes)
 
 
-def multi_turn_ttft(model, tokenizer, turns: int = 3, words: int = 40) -> dict:
-    """TTFT of turn N with the session's cache reused, and with the history prefilled anew."""
+def multi_turn_ttft(model, tokenizer, turns: int = 3, words: int = 40, peer=None) -> dict:
+    """TTFT of turn N with the session's cache reused, and with the history prefilled anew;
+    with `peer` (mlx-lm's model and tokenizer), also mlx-lm's TTFT for that history."""
     from .generate.generation import ChatSession
 
     def message(i):
@@ -429,7 +433,22 @@ def multi_turn_ttft(model, tokenizer, turns: int = 3, words: int = 40) -> dict:
     reused = next(iter(session.respond(max_tokens=2, temperature=0.0))).ttft
     fresh_session = ChatSession(model, tokenizer, enable_thinking=False, messages=history)
     fresh = next(iter(fresh_session.respond(max_tokens=2, temperature=0.0))).ttft
-    return {"turns": turns, "reused_ttft": reused, "fresh_ttft": fresh, "speedup": fresh / reused}
+    out = {"turns": turns, "reused_ttft": reused, "fresh_ttft": fresh, "speedup": fresh / reused}
+    if peer is not None:
+        # mlx-lm cannot trim a hybrid's state, so a chat's next turn prefills its
+        # rendered history anew (its prompt cache serves only exact continuations).
+        import mlx_lm
+        from mlx_lm.sample_utils import make_sampler
+
+        peer_model, peer_tok = peer
+        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True,
+                                            enable_thinking=False)
+        started = time.perf_counter()
+        next(iter(mlx_lm.stream_generate(peer_model, peer_tok, ids, max_tokens=2,
+                                         sampler=make_sampler(temp=0.0))))
+        out["peer_fresh_ttft"] = time.perf_counter() - started
+        out["speedup_vs_peer"] = out["peer_fresh_ttft"] / reused
+    return out
 
 
 def context_memory_bytes(model, context: int, step: int = PREFILL_STEP) -> int:
@@ -507,7 +526,8 @@ def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, r
                 report.rows.append(_row("mlx-lm", ctx, theirs))
                 report.ratios[str(ctx)] = ratios(*report.rows[-2:], list(zip(ours, theirs)))
         bar.set_postfix_str("multi-turn TTFT")
-        report.multi_turn = multi_turn_ttft(model, tok)
+        report.multi_turn = multi_turn_ttft(model, tok, peer=peer if model.config.is_hybrid
+                                            else None)
         report.moe_routing = moe_routing_cost(model)
         bar.update()
         bar.set_postfix_str("memory bandwidth")
