@@ -104,3 +104,80 @@ def test_ids_past_the_allowed_ones_are_never_sampled():
         draws = [int(s(mx.array(logits)).item()) for _ in range(50)]
         assert max(draws) < 40
     assert int(Sampler(SamplingParams(temperature=0.0), V)(mx.array(logits)).item()) == 45
+
+
+def full_sort_filter(logits: mx.array, p: SamplingParams) -> mx.array:
+    """The filter as it was before the partition: whole-vocabulary sorts (the reference)."""
+    logits = logits / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = mx.sort(logits, axis=-1)[..., -p.top_k][..., None]
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if p.min_p > 0 or p.top_p < 1:
+        probs = mx.softmax(logits, axis=-1)
+        if p.min_p > 0:
+            logits = mx.where(probs < p.min_p * probs.max(axis=-1, keepdims=True), -mx.inf,
+                              logits)
+        if p.top_p < 1:
+            order = mx.argsort(-probs, axis=-1)
+            ranked = mx.take_along_axis(probs, order, axis=-1)
+            drop = mx.put_along_axis(mx.zeros(order.shape, mx.bool_), order,
+                                     mx.cumsum(ranked, axis=-1) - ranked >= p.top_p, axis=-1)
+            logits = mx.where(drop, -mx.inf, logits)
+    return logits
+
+
+class FullSortSampler(Sampler):
+    def filter(self, logits):
+        return full_sort_filter(logits, self.params)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10_000), vocab=st.sampled_from([50, 3000]),
+       top_k=st.sampled_from([0, 1, 2, 20, 49, 200]), top_p=st.floats(0.05, 1.0),
+       min_p=st.sampled_from([0.0, 0.01, 0.2]), temperature=st.floats(0.2, 2.0),
+       scale=st.sampled_from([1.0, 3.0, 10.0]))
+def test_partition_keeps_what_the_full_sort_keeps(seed, vocab, top_k, top_p, min_p,
+                                                  temperature, scale):
+    logits = mx.array(np.random.default_rng(seed).normal(0, scale, (1, vocab)).astype(np.float32))
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    ours = np.array(Sampler(params, vocab).filter(logits))[0]
+    ref = np.array(full_sort_filter(logits, params))[0]
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    np.testing.assert_array_equal(ours[np.isfinite(ours)], ref[np.isfinite(ref)])
+    # The distribution sampled from: the same probabilities.
+    np.testing.assert_allclose(np.array(mx.softmax(mx.array(ours))),
+                               np.array(mx.softmax(mx.array(ref))), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("params", [QWEN3_THINKING, QWEN3_NON_THINKING,
+                                    dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.05)])
+def test_a_seed_draws_the_same_tokens_as_the_full_sort(params):
+    vocab = 151_936  # Qwen's vocabulary: what the partition is for
+    rng = np.random.default_rng(1)
+    p = SamplingParams(**params, seed=1234)
+    ours, ref = Sampler(p, vocab), FullSortSampler(p, vocab)
+    draws = []
+    for _ in range(40):
+        logits = mx.array(rng.normal(0, 4, (1, vocab)).astype(np.float32))
+        a, b = int(ours(logits).item()), int(ref(logits).item())
+        assert a == b
+        draws.append(a)
+    assert len(set(draws)) > 1  # it did sample, not pick the top every time
+
+
+def test_top_k_keeps_the_ties_with_the_kth_and_counts_their_mass():
+    # Top-2 of [5, 1, 1, 1, 0...]: the three 1s tie with the 2nd largest, all survive (as
+    # transformers keeps them) and share the mass: the 5 holds e^4/(e^4+3) = 0.948.
+    logits = np.zeros((1, V), np.float32)
+    logits[0, :4] = [5, 1, 1, 1]
+    hf_kept = kept(hf.TopKLogitsWarper(2)(None, torch.tensor(logits)).numpy()[0])
+    assert hf_kept == {0, 1, 2, 3}
+    top_k = Sampler(SamplingParams(temperature=1.0, top_k=2, top_p=1.0), V)
+    assert kept(np.array(top_k.filter(mx.array(logits)))[0]) == hf_kept
+    # Top-p: the tokens before the 1s hold 0.948 of the mass (0.982 if the ties were not
+    # counted), so 0.96 keeps every 1 and 0.94 none; tokens of equal probability go together.
+    for top_p, expected in ((0.96, {0, 1, 2, 3}), (0.94, {0})):
+        s = Sampler(SamplingParams(temperature=1.0, top_k=2, top_p=top_p), V)
+        assert kept(np.array(s.filter(mx.array(logits)))[0]) == expected
+        full = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=top_p), 4)
+        assert kept(np.array(full.filter(mx.array(logits[:, :4])))[0]) == expected

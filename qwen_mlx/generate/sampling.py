@@ -176,27 +176,55 @@ class Sampler:
         return mx.random.categorical(logits)
 
     def filter(self, logits: mx.array) -> mx.array:
-        """Temperature, then top-k, top-p and min-p masks (-inf), as transformers orders them."""
+        """Temperature, then top-k, top-p and min-p masks (-inf), as transformers orders them.
+
+        With top-k on, nothing sorts the vocabulary: a partition finds the k largest and
+        top-p and min-p rank only those (the rest hold no probability), which keeps the
+        same tokens as a full sort. Tokens tied with the k-th are kept, as transformers
+        keeps them; top-p keeps a token when the tokens more probable than it hold less
+        than top_p, so tokens of equal probability are kept or dropped together."""
         p = self.params
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
-            kth = mx.sort(logits, axis=-1)[..., -p.top_k][..., None]
-            logits = mx.where(logits < kth, -mx.inf, logits)
+            return self._top_k_filter(logits)
         if p.min_p > 0 or p.top_p < 1:
             probs = mx.softmax(logits, axis=-1)
+            drop = None
             if p.min_p > 0:
-                threshold = p.min_p * probs.max(axis=-1, keepdims=True)
-                logits = mx.where(probs < threshold, -mx.inf, logits)
+                drop = probs < p.min_p * probs.max(axis=-1, keepdims=True)
             if p.top_p < 1:
-                order = mx.argsort(-probs, axis=-1)
-                sorted_probs = mx.take_along_axis(probs, order, axis=-1)
-                # Keep the smallest prefix whose mass reaches top_p (at least one token).
-                before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-                drop_sorted = before >= p.top_p
-                drop = mx.zeros_like(drop_sorted)
-                drop = mx.put_along_axis(drop, order, drop_sorted, axis=-1)
-                logits = mx.where(drop, -mx.inf, logits)
+                ranked = -mx.sort(-probs, axis=-1)
+                below = probs < _top_p_smallest(ranked, ranked, p.top_p)
+                drop = below if drop is None else drop | below
+            logits = mx.where(drop, -mx.inf, logits)
         return logits
+
+    def _top_k_filter(self, logits: mx.array) -> mx.array:
+        """`filter` with top-k on, from the k largest logits alone (plus a count of ties)."""
+        p, k = self.params, self.params.top_k
+        top = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
+        ranked = -mx.sort(-mx.take_along_axis(logits, top, axis=-1), axis=-1)
+        threshold = ranked[..., -1:]  # the k-th largest
+        if p.min_p > 0 or p.top_p < 1:
+            # Tokens outside the partition that tie with the k-th survive top-k too and
+            # share the probability mass.
+            ties = (logits >= threshold).sum(axis=-1, keepdims=True) - k
+            e = mx.exp(ranked - ranked[..., :1])
+            probs = e / (e.sum(axis=-1, keepdims=True) + ties.astype(e.dtype) * e[..., -1:])
+            if p.min_p > 0:
+                kept = (probs >= p.min_p * probs[..., :1]).sum(axis=-1, keepdims=True)
+                threshold = mx.maximum(threshold, mx.take_along_axis(ranked, kept - 1, axis=-1))
+            if p.top_p < 1:
+                threshold = mx.maximum(threshold, _top_p_smallest(probs, ranked, p.top_p))
+        return mx.where(logits < threshold, -mx.inf, logits)
+
+
+def _top_p_smallest(ranked_probs: mx.array, ranked: mx.array, top_p: float) -> mx.array:
+    """The smallest of `ranked` (sorted like `ranked_probs`, largest first) that top-p keeps:
+    the smallest prefix whose mass reaches top_p, and at least one token."""
+    before = mx.cumsum(ranked_probs, axis=-1) - ranked_probs
+    kept = (before < top_p).sum(axis=-1, keepdims=True)  # at least 1: before[0] is 0
+    return mx.take_along_axis(ranked, kept - 1, axis=-1)
 
 
 def _greedy(logits: mx.array) -> mx.array:
