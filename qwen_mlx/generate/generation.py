@@ -1,7 +1,10 @@
 """Generation: prefill, the decode loop, streaming text, and chat sessions.
 
 `stream_generate` yields one `GenerationResponse` per token (or per piece of
-text when a token closes a reasoning block), with live statistics.
+text when a token closes a reasoning block or a tool call), with live statistics.
+Tool calls in the answer (``<tool_call>…</tool_call>``, in the template's JSON or XML
+format, see `text.tool_calls`) are not streamed as text: each response carries the
+calls completed at its step in `tool_calls`.
 `ChatSession` keeps a conversation and its KV cache: each turn prefills only
 what is new, and after a reply it re-renders the history as the template
 will show it next turn (Qwen3 drops earlier reasoning), so the next turn's
@@ -16,14 +19,16 @@ from __future__ import annotations
 import numbers
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
 from ..errors import QwenMLXError
 from ..model.cache import KV_BITS, KVCache, restore_cache, snapshot_cache
 from ..text.thinking import ThinkingParser, thinking_enabled
+from ..text.tool_calls import FORMATS, ToolCall, ToolCallParser, detect_tool_format
 from ..text.tokenizer import check_fits_model
 from .sampling import Sampler, generation_config_defaults, resolve_sampling
 from .worker import WORKER
@@ -48,6 +53,12 @@ class GenerationResponse:
     cached_tokens: int = 0  # prompt tokens reused from the cache
     ttft: float = 0.0  # seconds from the call to the first token
     context_tokens: int = 0  # positions the cache holds after this step
+    # The tool calls completed at this step ({"id", "name", "arguments"}); a call's text
+    # is never in `text`. Collect them over the stream as you collect `text`.
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    # Why a tool call's text came out as text at this step (a malformed call), or what
+    # was odd about a call in `tool_calls`.
+    warnings: list[str] = field(default_factory=list)
 
 
 class StopMatcher:
@@ -133,6 +144,34 @@ def check_cache_options(model, kv_bits: Any = None, max_kv_size: Any = None) -> 
                            f"got {max_kv_size!r}")
 
 
+def tool_call_format(tokenizer, tools: Sequence[Mapping[str, Any]] | None = None,
+                     requested: str | None = "auto") -> str | None:
+    """The tool-call format to parse replies with: "json", "xml", "auto" or None (none).
+
+    `requested` None turns parsing off and "json"/"xml" force a format. "auto" parses
+    only when `tools` are given (without them a call has nobody to answer it, so its
+    text stays text), in the chat template's format (its "tool_use" template when the
+    folder has one); when the template shows no ``<tool_call>``, each call's own text
+    decides."""
+    if requested is None:
+        return None
+    if requested not in FORMATS:
+        raise QwenMLXError(f"tool_format {requested!r} is not one of "
+                           f"{', '.join(map(repr, FORMATS))} or None")
+    if requested != "auto":
+        return requested
+    if tools is None:
+        return None
+    templates = getattr(tokenizer, "chat_templates", None) or {}
+    template = templates.get("tool_use") or templates.get("default")
+    return detect_tool_format(getattr(template, "source", None)) or "auto"
+
+
+def _tool_parser(tokenizer, tools, requested) -> ToolCallParser | None:
+    kind = tool_call_format(tokenizer, tools, requested)
+    return None if kind is None else ToolCallParser(kind, tools)
+
+
 def _sampling_origin(tokenizer) -> str:
     return getattr(tokenizer, "generation_config_origin", "generation_config.json")
 
@@ -208,15 +247,19 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
                     prefill_step_size: int = 512, enable_thinking: bool | None = None,
                     cancel: threading.Event | Callable[[], bool] | None = None,
                     tokens_out: list[int] | None = None,
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    tool_format: str | None = "auto",
                     ) -> Iterator[GenerationResponse]:
     """Stream a reply to `prompt`: raw text, token ids, or chat messages.
 
     Text is encoded as is (special-token strings in it are honoured); a list of
-    message dicts goes through the chat template with a generation prompt; token
-    ids must be rows of the model's embedding. With `prompt_cache`, the prompt
-    continues what the cache already holds. `cancel` (an Event or a callable)
-    stops generation between tokens; `tokens_out` receives every sampled id, the
-    final eos included. The work runs on the library's MLX thread (see `worker`).
+    message dicts goes through the chat template with a generation prompt (and
+    `tools`, JSON schemas); token ids must be rows of the model's embedding. With
+    `prompt_cache`, the prompt continues what the cache already holds. `cancel` (an
+    Event or a callable) stops generation between tokens; `tokens_out` receives every
+    sampled id, the final eos included. Tool calls in the answer come out in the
+    responses' `tool_calls`, parsed in `tool_format` (see `tool_call_format`; None
+    leaves them as text). The work runs on the library's MLX thread (see `worker`).
     """
     if prompt_cache is not None:
         # Arrays made lazily on this thread cannot be evaluated on the MLX thread.
@@ -227,13 +270,14 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
 
     def run(stopped: Callable[[], bool]) -> Iterator[GenerationResponse]:
         check_cache_options(model, kv_bits, max_kv_size)
+        tool_parser = _tool_parser(tokenizer, tools, tool_format)
         messages = None
         if isinstance(prompt, str):
             ids = tokenizer.encode(prompt, special=True)
         elif prompt and isinstance(prompt[0], dict):
             messages = list(prompt)
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                enable_thinking=enable_thinking)
+                                                enable_thinking=enable_thinking, tools=tools)
         else:
             ids = list(prompt)
         cache = prompt_cache if prompt_cache is not None else model.make_cache(
@@ -243,7 +287,7 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
         return _stream(model, tokenizer, ids, cache, context=ids, thinking=thinking,
                        max_tokens=max_tokens, stop=stop, prefill_step_size=prefill_step_size,
                        cancel=_or_stopped(cancel, stopped), sampling=sampling,
-                       tokens_out=tokens_out)
+                       tokens_out=tokens_out, tool_parser=tool_parser)
 
     yield from WORKER.iterate(run)
 
@@ -264,9 +308,11 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             thinking: bool, max_tokens: int, stop: Sequence[str], prefill_step_size: int,
             cancel, sampling: dict, tokens_out: list[int] | None = None,
             mark: int | None = None, on_mark: Callable[[], None] | None = None,
+            tool_parser: ToolCallParser | None = None,
             ) -> Iterator[GenerationResponse]:
     """Generate after `new_ids`; `context` is the whole prompt the cache will then hold.
-    Every sampled id, the final eos included, is appended to `tokens_out`."""
+    Every sampled id, the final eos included, is appended to `tokens_out`. The answer
+    goes through `tool_parser` (reasoning does not: a call it mentions is text)."""
     started = time.perf_counter()
     rows = model.config.vocab_size
     check_fits_model(tokenizer, rows, getattr(tokenizer, "origin", None))
@@ -297,7 +343,18 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
     first = None
     n = 0
 
-    def response(text, token, phase, finish=None):
+    def split(pieces: list[tuple[str, str]]) -> list[tuple[str, str, list, list]]:
+        """(phase, text) pieces as (phase, text, tool calls, warnings) items."""
+        items = []
+        for phase, text in pieces:
+            if tool_parser is None or phase != "answer":
+                items.append((phase, text, [], []))
+                continue
+            items.extend((phase, p.text, [p.call] if p.call else [], p.warnings)
+                         for p in tool_parser.feed(text))
+        return items
+
+    def response(text, token, phase, finish=None, calls=(), warnings=()):
         now = time.perf_counter()
         prefill_time = (first or now) - started
         return GenerationResponse(
@@ -305,7 +362,8 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             prompt_tps=len(new_ids) / max(prefill_time, 1e-9), generation_tokens=n,
             generation_tps=(n - 1) / (now - first) if first and n > 1 and now > first else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, cached_tokens=cached,
-            ttft=prefill_time, context_tokens=cache[0].offset)
+            ttft=prefill_time, context_tokens=cache[0].offset, tool_calls=list(calls),
+            warnings=list(warnings))
 
     finish = "length"
     for token in generate_tokens(model, list(new_ids), cache, sampler, max_tokens=max_tokens,
@@ -321,10 +379,10 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             finish = "stop"
             break
         text, stopped = stops.feed(detok.add_token(token))
-        pieces = parser.feed(text) if text else []
-        for phase, piece in pieces:
-            yield response(piece, token, phase)
-        if not pieces:
+        items = split(parser.feed(text)) if text else []
+        for phase, piece, calls, warnings in items:
+            yield response(piece, token, phase, calls=calls, warnings=warnings)
+        if not items:
             yield response("", token, parser.phase)
         if stopped:
             finish = "stop"
@@ -341,11 +399,14 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
     _eval_cache(cache)
     tail = stops.flush() if finish != "stop" else ""
     tail += detok.finalize() if finish != "stop" else ""
-    pieces = (parser.feed(tail) if tail else []) + parser.flush()
-    for phase, piece in pieces[:-1]:
-        yield response(piece, None, phase)
-    last_phase, last_text = pieces[-1] if pieces else (parser.phase, "")
-    yield response(last_text, None, last_phase, finish)
+    items = split((parser.feed(tail) if tail else []) + parser.flush())
+    if tool_parser is not None:  # an unclosed call is text now
+        items += [("answer", p.text, [p.call] if p.call else [], p.warnings)
+                  for p in tool_parser.flush()]
+    for phase, piece, calls, warnings in items[:-1]:
+        yield response(piece, None, phase, calls=calls, warnings=warnings)
+    phase, piece, calls, warnings = items[-1] if items else (parser.phase, "", [], [])
+    yield response(piece, None, phase, finish, calls=calls, warnings=warnings)
 
 
 def clear_cache(cache: list) -> None:
@@ -389,13 +450,20 @@ class ChatSession:
     A turn that fails (an error, or a cancel before the first token) leaves the history
     as it was; a reply that was stopped or cut short is kept as far as it got. The MLX
     work runs on the library's MLX thread (see `worker`).
+
+    With `tools`, a reply's tool calls (parsed in `tool_format`, see `tool_call_format`)
+    are stored on its message as ``tool_calls`` (OpenAI's shape) and come out in the
+    responses' `tool_calls`; `send_tool_results` answers them.
     """
 
     def __init__(self, model, tokenizer, *, system: str | None = None,
                  enable_thinking: bool | None = None, tools: list | None = None,
                  kv_bits: int | None = None, max_kv_size: int | None = None,
-                 prefill_step_size: int = 512, messages: list[dict] | None = None):
+                 prefill_step_size: int = 512, messages: list[dict] | None = None,
+                 tool_format: str | None = "auto"):
         check_cache_options(model, kv_bits, max_kv_size)
+        tool_call_format(tokenizer, tools, tool_format)  # a bad format shows now
+        self.tool_format = tool_format
         # A bad generation_config.json shows now, not at the first message.
         generation_config_defaults(tokenizer.generation_config, _sampling_origin(tokenizer))
         self.model, self.tokenizer = model, tokenizer
@@ -477,14 +545,39 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         yield from self.respond(_restore=before, **options)
 
+    def send_tool_results(self, results: Sequence[Any], **options,
+                          ) -> Iterator[GenerationResponse]:
+        """Answer the last reply's tool calls and stream the model's next reply.
+
+        `results` has one item per call, in the calls' order: the result itself (a string,
+        or any other JSON value, which is sent as JSON text), or a tool message
+        ``{"role": "tool", "content": ..., "tool_call_id": ...}`` (OpenAI's shape; the id
+        picks the call it answers, else the item's position does). Each becomes a
+        ``{"role": "tool", "content", "tool_call_id", "name"}`` message.
+        """
+        last = self.messages[-1] if self.messages else {}
+        calls = last.get("tool_calls") if last.get("role") == "assistant" else None
+        if not calls:
+            raise QwenMLXError("the last message is not a reply with tool calls, so there is "
+                               "nothing to send tool results for")
+        if isinstance(results, (str, bytes, Mapping)) or not isinstance(results, Sequence):
+            raise QwenMLXError("tool results must be a list, one item per tool call")
+        if not results:
+            raise QwenMLXError("give at least one tool result")
+        by_id = {c.get("id"): c for c in calls if isinstance(c, Mapping)}
+        before = list(self.messages)
+        self.messages = before + [_tool_message(r, i, calls, by_id)
+                                  for i, r in enumerate(results)]
+        yield from self.respond(_restore=before, **options)
+
     def regenerate(self, **options) -> Iterator[GenerationResponse]:
         """Replace the last reply with a new one."""
         before = list(self.messages)
         if self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
-        if not self.messages or self.messages[-1]["role"] != "user":
+        if not self.messages or self.messages[-1]["role"] not in ("user", "tool"):
             self.messages = before
-            raise QwenMLXError("there is no user message to reply to")
+            raise QwenMLXError("there is no user message or tool result to reply to")
         yield from self.respond(_restore=before, **options)
 
     def edit(self, index: int, text: str, **options) -> Iterator[GenerationResponse]:
@@ -518,6 +611,7 @@ class ChatSession:
     def _respond(self, before: list[dict], *, max_tokens: int, stop: Sequence[str], cancel,
                  prepare_next_turn: bool, sampling: dict) -> Iterator[GenerationResponse]:
         try:
+            tool_parser = _tool_parser(self.tokenizer, self.tools, self.tool_format)
             ids = self._render(self.messages, True)
             new = self._reuse(ids, keep_one=True)
             mark = on_mark = None
@@ -531,7 +625,7 @@ class ChatSession:
             raise
         start = self.cache[0].offset
         generated: list[int] = []
-        thinking_parts, answer_parts = [], []
+        thinking_parts, answer_parts, calls = [], [], []
         thinking = thinking_enabled(self.messages, self.enable_thinking)
         outcome = "failed"
         try:
@@ -539,8 +633,9 @@ class ChatSession:
                              thinking=thinking, max_tokens=max_tokens, stop=stop,
                              prefill_step_size=self.prefill_step_size, cancel=cancel,
                              sampling=sampling, tokens_out=generated, mark=mark,
-                             on_mark=on_mark):
+                             on_mark=on_mark, tool_parser=tool_parser):
                 (thinking_parts if r.phase == "thinking" else answer_parts).append(r.text)
+                calls.extend(r.tool_calls)
                 yield r
             outcome = "done"
         except GeneratorExit:
@@ -553,9 +648,14 @@ class ChatSession:
                 # The history and the cache's ids stay consistent.
                 self.cached = (ids + generated)[: self.cache[0].offset]
             if outcome != "failed" and generated:
-                self.messages.append({"role": "assistant",
-                                      "content": "".join(answer_parts).strip(),
-                                      "reasoning_content": "".join(thinking_parts).strip()})
+                reply = {"role": "assistant", "content": "".join(answer_parts).strip(),
+                         "reasoning_content": "".join(thinking_parts).strip()}
+                if calls:
+                    reply["tool_calls"] = [
+                        {"id": c["id"], "type": "function",
+                         "function": {"name": c["name"], "arguments": c["arguments"]}}
+                        for c in calls]
+                self.messages.append(reply)
             else:
                 self.messages = before  # failed, or cancelled before the first token
         if prepare_next_turn and generated:
@@ -566,8 +666,16 @@ class ChatSession:
         WORKER.run(self._prepare_next_turn)
 
     def _prepare_next_turn(self) -> None:
-        a = self._render(self.messages + [{"role": "user", "content": "\ue000"}], True)
-        b = self._render(self.messages + [{"role": "user", "content": "\ue001"}], True)
+        # After tool calls the next message is their result, which templates may render
+        # differently from a user's (Qwen3 keeps the reasoning of a reply that called tools).
+        last = self.messages[-1] if self.messages else {}
+        calls = last.get("tool_calls") if last.get("role") == "assistant" else None
+        role = "tool" if calls else "user"
+        # Probes whose UTF-8 starts with different bytes (EE…, E2…): with "\ue000" and
+        # "\ue001" a byte-level BPE can share a token of their common lead bytes, which
+        # the next message does not have, and a linear-attention state cannot trim it.
+        a = self._render(self.messages + [{"role": role, "content": "\ue000"}], True)
+        b = self._render(self.messages + [{"role": role, "content": "\u2603"}], True)
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         canonical = a[:n]
         new = self._reuse(canonical, keep_one=False)
@@ -575,3 +683,41 @@ class ChatSession:
             prefill(self.model, new, self.cache, step=self.prefill_step_size)
         finally:
             self.cached = canonical[: self.cache[0].offset]
+
+
+def _tool_message(result: Any, index: int, calls: Sequence[Any],
+                  by_id: Mapping[Any, Any]) -> dict[str, Any]:
+    """The ``tool`` message for result `index` of the replies to `calls`."""
+    if isinstance(result, Mapping) and result.get("role") == "tool":
+        if "content" not in result:
+            raise QwenMLXError(f"tool result {index} is a tool message without 'content'")
+        content, call_id = result["content"], result.get("tool_call_id")
+        name = result.get("name")
+    else:
+        content, call_id, name = result, None, None
+    if call_id is not None:
+        call = by_id.get(call_id)
+        if call is None:
+            known = ", ".join(repr(k) for k in by_id if k is not None) or "none"
+            raise QwenMLXError(f"tool result {index} answers tool_call_id {call_id!r}, but the "
+                               f"last reply made no such call (its ids: {known})")
+    elif index < len(calls):
+        call = calls[index]
+    else:
+        raise QwenMLXError(f"tool result {index} has no tool_call_id and the last reply made "
+                           f"only {len(calls)} tool call(s)")
+    fn = call.get("function", call) if isinstance(call, Mapping) else {}
+    if not isinstance(content, str):
+        try:
+            content = json.dumps(content, ensure_ascii=False)
+        except (TypeError, ValueError) as e:
+            raise QwenMLXError(f"tool result {index} is neither text nor JSON ({e})") from None
+    message = {"role": "tool", "content": content}
+    if call_id is None and isinstance(call, Mapping):
+        call_id = call.get("id")
+    if call_id is not None:
+        message["tool_call_id"] = call_id
+    name = name if name is not None else (fn.get("name") if isinstance(fn, Mapping) else None)
+    if name is not None:
+        message["name"] = name
+    return message
