@@ -26,7 +26,7 @@ from ..model.experts import SwitchLinear
 from ..model.decoder import Model
 from ..model.deltanet import GatedDeltaNet
 from ..model.norm import RMSNorm
-from .weights import module_paths, sanitize
+from .weights import check_finite, module_paths, sanitize
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -91,6 +91,7 @@ def build_model(config: ModelConfig, weights: dict[str, mx.array],
     """Build the model for `config` and load checkpoint tensors into it."""
     origin = origin or {}
     weights = sanitize(weights, config)
+    _check_counts(config, weights)  # before building anything of the config's size
     model = _build(config, weights, _mtp_layers(weights))
     if model.mtp is not None:
         try:
@@ -104,6 +105,28 @@ def build_model(config: ModelConfig, weights: dict[str, mx.array],
     _check_weights(model, weights, origin, config)
     model.load_weights(list(weights.items()), strict=True)
     return model
+
+
+def _check_counts(config: ModelConfig, weights: dict) -> None:
+    """The config's layer, vocabulary and expert counts against the tensors' shapes."""
+    layers = {int(m.group(1)) for k in weights if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if layers and (max(layers) + 1 != config.num_layers or len(layers) != config.num_layers):
+        raise WeightsError(
+            f"{config.source} says num_hidden_layers {config.num_layers}, but the checkpoint "
+            f"holds layers 0-{max(layers)} ({len(layers)} of them); the weights do not match "
+            "the config")
+    embed = weights.get("model.embed_tokens.weight")
+    if embed is not None and embed.shape[0] != config.vocab_size:
+        raise WeightsError(
+            f"{config.source} says vocab_size {config.vocab_size}, but the checkpoint's "
+            f"embedding has {embed.shape[0]} rows; the weights do not match the config")
+    if config.moe is not None:
+        for name, w in weights.items():
+            if ".switch_mlp." in name and name.endswith(".weight") and (
+                    w.shape[0] != config.moe.num_experts):
+                raise WeightsError(
+                    f"{config.source} says num_experts {config.moe.num_experts}, but "
+                    f"'{name}' holds {w.shape[0]} experts; the weights do not match the config")
 
 
 def _build(config: ModelConfig, weights: dict, mtp_layers: int) -> Model:
@@ -140,7 +163,8 @@ def list_shards(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError,
+                AttributeError) as e:
             raise WeightsError(f"{index}: not a valid safetensors index ({e!r})") from None
         files = [folder / name for name in names]
         for f in files:
@@ -208,6 +232,16 @@ def _check_weights(model: Model, weights: dict, origin: dict, config: ModelConfi
             f"the checkpoint holds {len(extra)} tensor(s) that {config.source} does not call "
             f"for, e.g. {', '.join(extra[:3])}; the weights do not match the config")
     for name, param in expected.items():
+        w = weights[name]
+        where = origin.get(name, "the checkpoint")
+        if mx.issubdtype(param.dtype, mx.floating) and not mx.issubdtype(w.dtype, mx.floating):
+            raise WeightsError(
+                f"'{name}' in {where} has dtype {str(w.dtype).rpartition('.')[2]}, but model "
+                "weights are floating point: the checkpoint is corrupt or was not saved as a "
+                "float model; export it again")
+        if mx.issubdtype(w.dtype, mx.floating):
+            # NaN or inf in a weight only shows later, as garbage text.
+            check_finite(w, f"'{name}' in {where}")
         if tuple(weights[name].shape) != tuple(param.shape):
             where = origin.get(name, "the checkpoint")
             hint = ""

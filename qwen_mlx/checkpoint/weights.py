@@ -252,3 +252,28 @@ def _ungroup(prefix: str, kind: str, suffix: str, w: mx.array, config: ModelConf
     qkv = mx.concatenate([t.reshape(-1, *rest) for t in (q, k, v)], axis=0)
     return [(f"{prefix}.in_proj_qkv.{suffix}", qkv),
             (f"{prefix}.in_proj_z.{suffix}", z.reshape(-1, *rest))]
+
+
+# Checked in slices of this many values, so the check's temporary stays small beside a
+# large embedding.
+FINITE_CHUNK = 1 << 22
+
+
+def check_finite(t: mx.array, origin: str, problem: str | None = None) -> None:
+    """Refuse a float tensor holding NaN or infinite values, naming it and its file.
+
+    `problem` replaces the default diagnosis (a corrupt checkpoint) when the values
+    were finite in the source and became infinite here.
+    """
+    flat = t.reshape(-1)
+    starts = range(0, flat.size, FINITE_CHUNK)
+    # x * 0 is 0 for every finite x and NaN for NaN and ±inf, so one sum tells; it costs
+    # about 40% of all(isfinite(x)) on the CPU (measured, mlx 0.32.4) and cannot overflow.
+    if all(mx.sum(flat[i:i + FINITE_CHUNK] * 0).item() == 0 for i in starts):
+        return
+    bad = sum(int(mx.sum(mx.logical_not(mx.isfinite(flat[i:i + FINITE_CHUNK]))).item())
+              for i in starts)
+    raise WeightsError(f"{origin} " + (problem or "holds") + f" {bad} NaN or infinite "
+                       f"value(s) among {flat.size}" + (
+                           "" if problem else ": the checkpoint is corrupt; download or "
+                           "export it again"))

@@ -210,10 +210,14 @@ class ModelConfig:
             raise ConfigError(f"{path}: not found; a model folder needs a config.json") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text; a config.json is JSON in UTF-8") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply to be a model config") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object at the top level")
         return cls.from_dict(data, source=str(path), rope_scaling=rope_scaling)
@@ -256,6 +260,20 @@ class ModelConfig:
 
 _MISSING = object()
 
+# Far beyond any Qwen model, and small enough that nothing built from them can exhaust a
+# machine before the weights are checked against them (the loader checks those next).
+LIMITS = {
+    "num_hidden_layers": 4096, "num_experts": 1 << 16, "num_local_experts": 1 << 16,
+    "num_experts_per_tok": 1 << 10, "vocab_size": 1 << 22, "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
+    "shared_expert_intermediate_size": 1 << 20, "num_attention_heads": 1 << 10,
+    "num_key_value_heads": 1 << 10, "head_dim": 1 << 12, "kv_channels": 1 << 12,
+    "linear_num_key_heads": 1 << 10, "linear_num_value_heads": 1 << 10,
+    "linear_key_head_dim": 1 << 12, "linear_value_head_dim": 1 << 12,
+    "linear_conv_kernel_dim": 64, "max_position_embeddings": 1 << 26, "seq_length": 1 << 26,
+    "original_max_position_embeddings": 1 << 26, "sliding_window": 1 << 26,
+}
+
 
 class _Reader:
     """Typed access to config keys, with errors that name the key and the file."""
@@ -280,12 +298,17 @@ class _Reader:
             raise ConfigError(f"{self.source}: '{key}' must be an integer, got {value!r}")
         if value < minimum:
             raise ConfigError(f"{self.source}: '{key}' must be at least {minimum}, got {value}")
+        if key in LIMITS and value > LIMITS[key]:
+            raise ConfigError(f"{self.source}: '{key}' is {value}, beyond any model qwen-mlx "
+                              f"can run (at most {LIMITS[key]}); the config is corrupt")
         return value
 
-    def float(self, key: str, default: Any = _MISSING) -> float:
+    def float(self, key: str, default: Any = _MISSING, *, positive: bool = False) -> float:
         value = self.get(key, default)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ConfigError(f"{self.source}: '{key}' must be a number, got {value!r}")
+        if positive and value <= 0:
+            raise ConfigError(f"{self.source}: '{key}' must be above 0, got {value!r}")
         return float(value)
 
     def bool(self, key: str, default: Any = _MISSING) -> bool:
@@ -299,6 +322,9 @@ def _normalize(data: dict, source: str, rope_override: Mapping | None) -> ModelC
     model_type = data.get("model_type")
     if model_type is None:
         raise ConfigError(f"{source}: required key 'model_type' is missing")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{source}: 'model_type' must be a name such as \"qwen3\", "
+                          f"got {model_type!r}")
     family = FAMILIES.get(model_type)
     if family is None:
         raise ConfigError(
@@ -343,6 +369,8 @@ def _quantization(data: dict, source: str) -> dict | None:
     q = data.get("quantization")
     if q is None:
         q = data.get("quantization_config")
+        if q is not None and not isinstance(q, dict):
+            raise ConfigError(f"{source}: 'quantization_config' must be an object, got {q!r}")
         if q is not None and "quant_method" in q:
             raise ConfigError(
                 f"{source}: this checkpoint is quantized with '{q['quant_method']}' "
@@ -386,7 +414,7 @@ def _qwen1(data: dict, raw: dict, source: str, quantization, torch_dtype) -> Mod
         vocab_size=r.int("vocab_size"), hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, rotary_dim=rotary_dim,
         intermediate_size=intermediate // 2,
-        rms_norm_eps=r.float("layer_norm_epsilon"),
+        rms_norm_eps=r.float("layer_norm_epsilon", positive=True),
         max_position_embeddings=r.int("max_position_embeddings"),
         tie_word_embeddings=r.bool("tie_word_embeddings"),
         qkv_bias=True, o_bias=not no_bias, mlp_bias=not no_bias, qk_norm=False,
@@ -467,7 +495,7 @@ def _hf(data: dict, raw: dict, family: str, source: str, quantization, torch_dty
         vocab_size=r.int("vocab_size"), hidden_size=hidden, num_layers=layers,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
         intermediate_size=intermediate,
-        rms_norm_eps=r.float("rms_norm_eps"),
+        rms_norm_eps=r.float("rms_norm_eps", positive=True),
         max_position_embeddings=max_pos,
         tie_word_embeddings=r.bool("tie_word_embeddings"),
         qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=False,
@@ -598,7 +626,8 @@ def _rope(data: dict, max_pos: int, source: str, default_theta: float = 10000.0)
     theta = p.get("rope_theta", data.get("rope_theta"))
     theta = default_theta if theta is None else theta
     r = _Reader(p, {}, f"{source} (rope)")
-    if not isinstance(theta, (int, float)) or theta <= 1:
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not (
+            math.isfinite(theta) and theta > 1):
         raise ConfigError(f"{source}: 'rope_theta' must be a number above 1, got {theta!r}")
     if rope_type == "default":
         return RopeConfig(theta=float(theta))
@@ -617,7 +646,8 @@ def _rope(data: dict, max_pos: int, source: str, default_theta: float = 10000.0)
     return RopeConfig(
         rope_type=rope_type, theta=float(theta), factor=factor,
         original_max_position_embeddings=original,
-        beta_fast=float(p.get("beta_fast") or 32), beta_slow=float(p.get("beta_slow") or 1),
+        beta_fast=r.float("beta_fast", 32.0, positive=True),
+        beta_slow=r.float("beta_slow", 1.0, positive=True),
         truncate=bool(p.get("truncate", True)),
         attention_factor=opt("attention_factor"), mscale=opt("mscale"),
         mscale_all_dim=opt("mscale_all_dim"),
