@@ -21,7 +21,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

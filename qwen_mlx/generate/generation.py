@@ -259,7 +259,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
     Event or a callable) stops generation between tokens; `tokens_out` receives every
     sampled id, the final eos included. Tool calls in the answer come out in the
     responses' `tool_calls`, parsed in `tool_format` (see `tool_call_format`; None
-    leaves them as text). The work runs on the library's MLX thread (see `worker`).
+    leaves them as text); with a text or id prompt, `tools` only type the parsed calls.
+    The work runs on the library's MLX thread (see `worker`).
     """
     if prompt_cache is not None:
         # Arrays made lazily on this thread cannot be evaluated on the MLX thread.

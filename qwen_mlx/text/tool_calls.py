@@ -94,7 +94,8 @@ def detect_tool_format(template_source: str | None) -> str | None:
     ``<function=`` line, else json_tools)."""
     if not template_source or TOOL_CALL_OPEN not in template_source:
         return None
-    if "<tool_call>\\n<function=" in template_source or "<tool_call>\n<function=" in template_source:
+    # A Jinja string literal spells the newline "\\n"; a raw block holds a real one.
+    if any(f"<tool_call>{nl}<function=" in template_source for nl in ("\\n", "\n")):
         return "xml"
     return "json"
 
