@@ -202,45 +202,55 @@ class ToolCallParser:
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
         self.format, self.tools = format, list(tools) if tools is not None else None
-        self._held = ""  # text that may begin <tool_call>, or the open call's body so far
-        self._in_call = False
+        self._held = ""  # the end of the text, outside a call, that may begin <tool_call>
+        self._body: list[str] | None = None  # the open call's text so far, in parts
+        self._tail = ""  # its last characters, which may begin </tool_call>
         self.calls: list[ToolCall] = []
         self.warnings: list[str] = []
 
     @property
     def in_call(self) -> bool:
         """Whether the text so far ends inside an open ``<tool_call>``."""
-        return self._in_call
+        return self._body is not None
 
     def feed(self, text: str) -> list[ToolPiece]:
-        """Add streamed text; returns the pieces it settles, in order."""
+        """Add streamed text; returns the pieces it settles, in order.
+
+        Linear in the text fed: a long call is kept in parts and only the end of what
+        came before is searched again for the closing tag."""
         out: list[ToolPiece] = []
-        buf = self._held + text
         while True:
-            tag = TOOL_CALL_CLOSE if self._in_call else TOOL_CALL_OPEN
-            at = buf.find(tag)
-            if at < 0:
-                break
-            if self._in_call:
-                self._finish(buf[:at], out)
-            else:
+            if self._body is None:
+                buf, self._held = self._held + text, ""
+                at = buf.find(TOOL_CALL_OPEN)
+                if at < 0:
+                    keep = _partial_suffix(buf, TOOL_CALL_OPEN)
+                    self._held = buf[len(buf) - keep:]
+                    self._text(buf[:len(buf) - keep], out)
+                    return out
                 self._text(buf[:at], out)
-            buf = buf[at + len(tag):]
-            self._in_call = not self._in_call
-        if self._in_call:
-            self._held = buf
-        else:
-            keep = _partial_suffix(buf, TOOL_CALL_OPEN)
-            self._held = buf[len(buf) - keep:]
-            self._text(buf[:len(buf) - keep], out)
-        return out
+                text = buf[at + len(TOOL_CALL_OPEN):]
+                self._body, self._tail = [], ""
+                continue
+            window = self._tail + text
+            at = window.find(TOOL_CALL_CLOSE)
+            if at < 0:
+                self._body.append(text)
+                self._tail = window[-(len(TOOL_CALL_CLOSE) - 1):]
+                return out
+            cut = at - len(self._tail)  # negative when the tag began in earlier text
+            body = "".join(self._body)
+            body = body[:len(body) + cut] if cut < 0 else body + text[:cut]
+            self._body, self._tail = None, ""
+            self._finish(body, out)
+            text = text[cut + len(TOOL_CALL_CLOSE):]
 
     def flush(self) -> list[ToolPiece]:
         """End of reply: a held partial tag is text, an unclosed call is text with a warning."""
         out: list[ToolPiece] = []
         held, self._held = self._held, ""
-        if self._in_call:
-            self._in_call = False
+        if self._body is not None:
+            held, self._body, self._tail = "".join(self._body), None, ""
             raw = TOOL_CALL_OPEN + held
             self._reject(raw, f"a tool call was not closed with {TOOL_CALL_CLOSE}", out)
         else:
