@@ -267,12 +267,14 @@ class Report:
     roofline: dict = field(default_factory=dict)
     moe_routing: dict = field(default_factory=dict)
     quality: list = field(default_factory=list)
+    sampling: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
     def markdown(self) -> str:
-        lines = [f"Model: {self.model} · {self.settings} · device {self.machine['device']}", "",
+        lines = [f"Model: {self.model} · {settings_text(self.settings)} · on the "
+                 f"{self.machine['device'].upper()} ({self.machine.get('chip') or '?'})", "",
                  "| tool | context | TTFT s | prefill tok/s | decode tok/s | peak GB | KV MB |",
                  "|---|---|---|---|---|---|---|"]
         for r in self.rows:
@@ -294,6 +296,13 @@ class Report:
                              f"{cell(q, 'ttft_speedup')} | {q['peak_memory_saving']:.2f}x |")
         if self.settings.get("skipped_contexts"):
             lines += ["", f"Skipped for lack of memory: contexts {self.settings['skipped_contexts']}"]
+        if self.sampling:
+            m = self.sampling
+            lines += ["", f"Decode with Qwen3's thinking preset (temperature "
+                      f"{m['params']['temperature']:g}, top-p {m['params']['top_p']:g}, top-k "
+                      f"{m['params']['top_k']}), alternating with greedy at {m['context']} "
+                      f"tokens: {m['preset_tps']:.2f} tok/s against {m['greedy_tps']:.2f} "
+                      f"greedy ({m['ratio']:.0%})"]
         if self.multi_turn:
             m = self.multi_turn
             lines += ["", f"Multi-turn TTFT (turn {m['turns']}): {m['reused_ttft']:.2f} s with "
@@ -324,7 +333,7 @@ def machine_info() -> dict:
     info = {"os": platform.platform(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "mlx": mx.__version__,
-            "device": str(mx.default_device()),
+            "device": mx.default_device().type.name,  # "cpu" or "gpu"
             "chip": mx.device_info().get("device_name", platform.processor())}
     try:
         info["memory_gb"] = round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9, 1)
@@ -367,14 +376,16 @@ def _timed(stream, prompt_tokens: int) -> tuple[float, float, float]:
     return ttft, prompt_tokens / ttft, decode
 
 
-def run_ours(model, tokenizer, prompt: list[int], gen: int) -> Run:
+def run_ours(model, tokenizer, prompt: list[int], gen: int, sampling: dict | None = None) -> Run:
+    """One qwen-mlx run: greedy, or with the `sampling` keywords of stream_generate."""
     from .generate.generation import stream_generate
 
     cache = model.make_cache()
     mx.reset_peak_memory()
     ttft, pre, dec = _timed((r for r in stream_generate(
-        model, tokenizer, prompt, max_tokens=gen, temperature=0.0, prompt_cache=cache,
-        prefill_step_size=PREFILL_STEP) if r.token is not None), len(prompt))
+        model, tokenizer, prompt, max_tokens=gen, prompt_cache=cache,
+        prefill_step_size=PREFILL_STEP, **(sampling or {"temperature": 0.0}))
+        if r.token is not None), len(prompt))
     return Run(len(prompt), ttft, pre, dec, mx.get_peak_memory() / 1e9,
                sum(c.nbytes for c in cache))
 
@@ -407,6 +418,30 @@ def ratios(ours: Row, theirs: Row, pairs: list[tuple[Run, Run]] = ()) -> dict:
             each = [of(a, b) for a, b in pairs]
             out[f"{key}_range"] = [min(each), max(each)]
     return out
+
+
+def settings_text(settings: dict) -> str:
+    """The settings line of a report, in words."""
+    contexts = settings.get("contexts", [])
+    reps = settings.get("reps")
+    return (f"{settings.get('dtype')}, {settings.get('gen')} new tokens, "
+            f"{'median of ' if reps != 1 else ''}{reps} run{'s' if reps != 1 else ''} per point, "
+            f"contexts {', '.join(f'{c:,}' for c in contexts)}")
+
+
+def preset_decode(model, tokenizer, prompt: list[int], gen: int, reps: int) -> dict:
+    """Decode tok/s with Qwen3's thinking preset (what chat and generate use by default)
+    and greedy (what the tables show), alternating runs on one prompt."""
+    from .generate.sampling import QWEN3_THINKING
+
+    greedy, preset = [], []
+    for _ in range(reps):
+        greedy.append(run_ours(model, tokenizer, prompt, gen).decode_tps)
+        preset.append(run_ours(model, tokenizer, prompt, gen,
+                               dict(QWEN3_THINKING, seed=0)).decode_tps)
+    g, p = statistics.median(greedy), statistics.median(preset)
+    return {"params": dict(QWEN3_THINKING), "context": len(prompt), "greedy_tps": g,
+            "preset_tps": p, "ratio": p / g if g else 0.0}
 
 
 def _row(tool: str, context: int, runs: list[Run]) -> Row:
@@ -508,7 +543,7 @@ def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, r
             f"({budget / 1e9:.0f} GB)")
     rng = np.random.default_rng(0)
     tools = 2 if peer else 1
-    with tqdm(total=len(fitting) * reps * tools + 2, unit="run", desc="bench",
+    with tqdm(total=len(fitting) * reps * tools + 3, unit="run", desc="bench",
               disable=not progress) as bar:
         for ctx in fitting:
             prompt = rng.integers(0, min(model.config.vocab_size, 150000), ctx).tolist()
@@ -525,6 +560,11 @@ def benchmark(folder: Path, *, label: str, contexts: list[int], gen: int = 32, r
             if peer:
                 report.rows.append(_row("mlx-lm", ctx, theirs))
                 report.ratios[str(ctx)] = ratios(*report.rows[-2:], list(zip(ours, theirs)))
+        if fitting:
+            bar.set_postfix_str("decode with the thinking preset")
+            prompt = rng.integers(0, min(model.config.vocab_size, 150000), fitting[0]).tolist()
+            report.sampling = preset_decode(model, tok, prompt, gen, reps)
+        bar.update()
         bar.set_postfix_str("multi-turn TTFT")
         report.multi_turn = multi_turn_ttft(model, tok, peer=peer if model.config.is_hybrid
                                             else None)
@@ -631,7 +671,8 @@ def plot(report: Report, path: Path) -> bool:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"{report.model} · {report.settings['dtype']} · {report.machine['device']}")
+    fig.suptitle(f"{report.model} · {report.settings['dtype']} · "
+                 f"{report.machine['device'].upper()}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -43,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("model", nargs="?", help="model folder or hub repo id")
     bench.add_argument("--shape", help="a synthetic shape with random weights instead: "
                                        "qwen3-0.6b-shape, qwen3-30b-a3b-shape-small, tiny-shape")
-    bench.add_argument("--layers", type=int, default=4, help="layers of the synthetic shape")
+    bench.add_argument("--layers", type=int,
+                       help="layers of the synthetic shape, from 1 to its full depth "
+                            "(default: 4, or all when it has fewer)")
     bench.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
     bench.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
     bench.add_argument("--contexts", default="128,1024", help="prompt lengths, comma-separated")
@@ -55,11 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quality", action="store_true",
                        help="also KL and top-1 agreement against the float model for 3, 4 and "
                             "8 bits and the mixed recipes (needs a float source)")
-    bench.add_argument("--out", default="bench-results", help="folder for JSON, Markdown, PNG")
-    bench.add_argument("--work", default=None, help="folder for converted models "
-                                                    "(default: the qwen-mlx cache)")
-    info = sub.add_parser("info", help="describe a model folder: family, shapes, RoPE, quantization")
+    bench.add_argument("--out", default="bench-results",
+                       help="folder for bench.json, bench.md and bench.png (default: "
+                            "./bench-results, in the current folder)")
+    bench.add_argument("--work", default=None,
+                       help="folder for the synthetic checkpoints and converted models, "
+                            "which are kept for the next run (default: ~/.cache/qwen-mlx/bench)")
+    bench.add_argument("--clean", action="store_true",
+                       help="remove the synthetic checkpoints and converted models from the "
+                            "work folder: alone, at once; with a model or --shape, after the run")
+    info = sub.add_parser("info", help="describe a model folder: family, shapes, context, "
+                                       "vocabulary, dtype, parameters, quantization")
     info.add_argument("model", help="a local model folder (Hugging Face or mlx-lm layout)")
+    parser.subcommands = sub.choices  # for a wrong flag: that command's usage
     return parser
 
 
@@ -81,7 +95,8 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     from .checkpoint.quantize import BITS, GROUP_SIZES, RECIPES
 
     p.add_argument("source", help="hub repo id (e.g. Qwen/Qwen3-0.6B) or local folder")
-    p.add_argument("-o", "--mlx-path", help="output folder (default: ./<name>-<4bit|mixed_4_6|...>)")
+    p.add_argument("-o", "--mlx-path", help="output folder (default: ./<name>-<4bit|mixed_4_6|"
+                                            "...>; with --dequantize, ./<name>-float)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
     p.add_argument("--bits", type=int, default=None, choices=BITS,
                    help="bits per weight for --quantize (default 4)")
@@ -109,12 +124,26 @@ def run_convert(args: argparse.Namespace) -> int:
 
     if args.bits is not None and args.recipe and RECIPES[args.recipe].low_bits:
         raise QwenMLXError(f"--recipe {args.recipe} sets the bits itself; drop --bits")
-    result = convert(args.source, args.mlx_path, quantize=args.quantize or args.bits is not None,
+    mlx_path = args.mlx_path
+    if mlx_path is None and args.dequantize:
+        mlx_path = dequantized_name(args.source, args.dtype)
+    result = convert(args.source, mlx_path, quantize=args.quantize or args.bits is not None,
                      bits=args.bits or 4, group_size=args.group_size, dtype=args.dtype,
                      recipe=args.recipe, revision=args.revision, force=args.force,
                      dequantize=args.dequantize, check=args.check, mtp=args.mtp)
     print(result.summary())
     return 0
+
+
+# How quantized folders are named: Qwen3-0.6B-4bit, -8bit-g64, -mixed_4_6, -MLX-4bit.
+_QUANTIZED_SUFFIX = re.compile(r"(-mlx)?-([2-8]bits?|mixed_\d+_\d+|mxfp4|nvfp4)(-g\d+)?(-mlx)?$",
+                               re.IGNORECASE)
+
+
+def dequantized_name(source: str, dtype: str | None = None) -> str:
+    """The default --dequantize output: ./X-float (or ./X-bfloat16 with --dtype) for X-4bit."""
+    name = Path(str(source).rstrip("/")).name or "model"
+    return f"{_QUANTIZED_SUFFIX.sub('', name) or name}-{dtype or 'float'}"
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,6 +186,17 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt's text, refused when it is empty or only white space."""
+    text = _read_prompt_text(args)
+    if not text.strip():
+        where = (f"the file {args.file}" if args.file else
+                 "the argument" if args.prompt not in (None, "-") else "stdin")
+        raise QwenMLXError(f"the prompt is empty ({where}): give some text as an argument, "
+                           "with --file, or on stdin")
+    return text
+
+
+def _read_prompt_text(args: argparse.Namespace) -> str:
     source = args.file or "stdin"
     try:
         if args.file:
@@ -172,6 +212,60 @@ def _read_prompt(args: argparse.Namespace) -> str:
         raise QwenMLXError(f"the prompt ({args.file or 'argument or stdin'}) is not valid UTF-8")
 
 
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                  "presence_penalty", "frequency_penalty", "seed")
+
+
+class _as_flags:
+    """Re-raise a QwenMLXError that starts with one of `names` (top_p) as its flag (--top-p)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if isinstance(error, QwenMLXError):
+            text = str(error)
+            for name in sorted(self.names, key=len, reverse=True):
+                if re.match(rf"{name}\b", text):
+                    raise QwenMLXError("--" + name.replace("_", "-") + text[len(name):]) from None
+        return False
+
+
+def check_max_context(folder: Path, max_context: int | None, rope_scaling: str | None,
+                      rope_factor: float, *, flags: str = "--rope-scaling yarn --rope-factor",
+                      ) -> None:
+    """Refuse a --max-context beyond what the model handles with its RoPE as it will run
+    (positions past it come out garbled), saying which YaRN factor would cover it."""
+    import math
+
+    if max_context is None:
+        return
+    if max_context < 2:
+        raise QwenMLXError(f"--max-context must be at least 2 positions, got {max_context}")
+    from .checkpoint.loader import _named_rope_scaling
+    from .model.config import ModelConfig
+
+    override = _named_rope_scaling(rope_scaling, rope_factor) if rope_scaling else None
+    config = ModelConfig.from_file(folder / "config.json", rope_scaling=override)
+    native = config.native_context
+    if max_context <= native:
+        return
+    if config.family == "qwen":
+        raise QwenMLXError(f"--max-context {max_context:,} is above this model's context of "
+                           f"{native:,} positions (Qwen1 extends its own context with dynamic "
+                           "NTK up to max_position_embeddings); give at most that")
+    base = config.rope.original_max_position_embeddings or config.max_position_embeddings
+    factor = max(2, math.ceil(max_context / base))
+    rope = config.rope.rope_type
+    now = f" with {rope} x{config.rope.factor:g}" if rope != "default" else ""
+    raise QwenMLXError(f"--max-context {max_context:,} is above this model's context of "
+                       f"{native:,} positions{now}; extend it with {flags} {factor} "
+                       f"({factor * base:,} positions), or give at most {native:,}")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -182,23 +276,20 @@ def run_generate(args: argparse.Namespace) -> int:
                                         write_prompt_cache)
     from .generate.sampling import SamplingParams
 
-    text = _read_prompt(args)
     for name in ("max_tokens", "prefill_step_size", "max_kv_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise QwenMLXError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     # The flags' own checks (NaN penalties, a negative seed), before a model loads; the
     # checkpoint's defaults fill in whatever is not given.
-    given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "min_p",
-                                           "repetition_penalty", "presence_penalty",
-                                           "frequency_penalty", "seed")}
-    try:
+    given = {k: getattr(args, k) for k in SAMPLING_FLAGS}
+    with _as_flags(SAMPLING_FLAGS):
         SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
-    except QwenMLXError as e:
-        raise QwenMLXError(f"--{str(e).replace('_', '-')}") from None
+    text = _read_prompt(args)
     if args.prompt_cache:
         check_writable(args.prompt_cache)  # now, not after the text is printed
     folder = resolve_model_path(args.model, revision=args.revision)
+    check_max_context(folder, args.max_context, args.rope_scaling, args.rope_factor)
     started = time.perf_counter()
     model, tokenizer = load(folder, dtype=args.dtype, rope_scaling=args.rope_scaling,
                             rope_factor=args.rope_factor, max_context=args.max_context)
@@ -210,10 +301,8 @@ def run_generate(args: argparse.Namespace) -> int:
                                "convert`, which writes one from its qwen.tiktoken")
         raise QwenMLXError(f"{folder} has no tokenizer.json, and converting does not make one: "
                            f"{TOKENIZER_HINT}")
-    try:
+    with _as_flags(("kv_bits", "max_kv_size")):
         check_cache_options(model, args.kv_bits, args.max_kv_size)
-    except QwenMLXError as e:
-        raise QwenMLXError(f"--{str(e).replace('_', '-')}") from None
     load_time = time.perf_counter() - started
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -274,13 +363,27 @@ def run_chat(args: argparse.Namespace) -> int:
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise QwenMLXError("chat needs a terminal (stdin and stdout); for a reply without "
                            "one, use `qwen-mlx generate -m MODEL PROMPT`")
+    if args.rope_scaling:
+        from .checkpoint.loader import _named_rope_scaling
+
+        _named_rope_scaling(args.rope_scaling, args.rope_factor)  # a bad --rope-factor, now
     folder = prepare_model(args.model, revision=args.revision)
-    # What the window would only report after opening: no config, no tokenizer.
+    # What the window would only report after opening: no config, no tokenizer, a
+    # context it cannot reach.
     from .model.config import ModelConfig
     from .text.tokenizer import QwenTokenizer
 
     ModelConfig.from_file(folder / "config.json")
     QwenTokenizer.from_folder(folder)
+    if args.max_context is not None:
+        from tui.paths import resolve_data_dir
+        from tui.store import ChatStore
+
+        # The window applies YaRN from its saved settings unless the flags say otherwise.
+        saved, _ = ChatStore(resolve_data_dir()).load_settings()
+        rope, factor = ((args.rope_scaling, args.rope_factor) if args.rope_scaling
+                        else (saved.rope_scaling, saved.rope_factor))
+        check_max_context(folder, args.max_context, rope, factor)
     source = args.model or DEFAULT_MODEL
     name = folder.name if Path(source).expanduser().exists() else source
     from tui.app import run_chat as run_app
@@ -290,20 +393,68 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `bench` writes into its work folder: synthetic shapes (NAME-L4), converted
+# models (NAME-4bit-g64) and --quality's conversions (NAME-quality-uniform-4-64).
+_BENCH_FOLDER = re.compile(r".+-(L\d+|\d+bit-g\d+|quality-\w+-\d+-\d+)")
+
+
+def clean_bench(work: Path) -> list[tuple[str, int]]:
+    """Remove the folders `bench` wrote into `work` (nothing else): their names and bytes."""
+    removed = []
+    if not work.is_dir():
+        return removed
+    for entry in sorted(work.iterdir()):
+        if (_BENCH_FOLDER.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink()
+                and (entry / "config.json").is_file()):
+            size = sum(p.stat().st_size for p in entry.rglob("*")
+                       if p.is_file() and not p.is_symlink())
+            try:
+                shutil.rmtree(entry)
+            except OSError as e:
+                raise QwenMLXError(f"{entry}: cannot remove it ({e.strerror}); delete it by "
+                                   "hand") from None
+            removed.append((entry.name, size))
+    try:
+        work.rmdir()  # only when nothing else is left in it
+    except OSError:
+        pass
+    return removed
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench import benchmark, plot, synthetic_checkpoint
+    from .bench import SHAPES, benchmark, plot, synthetic_checkpoint
     from .checkpoint.converter import convert
     from .checkpoint.models import cache_dir
 
+    work = Path(args.work).expanduser() if args.work else cache_dir() / "bench"
+    if args.clean and not (args.model or args.shape):
+        return _report_clean(work)
     try:
         contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     except ValueError:
         raise QwenMLXError(f"--contexts {args.contexts!r}: give numbers like 128,1024") from None
-    if not contexts or min(contexts) < 2 or args.gen < 2 or args.reps < 1:
-        raise QwenMLXError("--contexts need at least 2 tokens, --gen at least 2, --reps 1")
+    if not contexts or min(contexts) < 2:
+        raise QwenMLXError(f"--contexts {args.contexts!r}: each prompt length must be at least "
+                           "2 tokens, as in 128,1024")
+    if args.gen < 2:
+        raise QwenMLXError(f"--gen must be at least 2 (decode speed needs two tokens), "
+                           f"got {args.gen}")
+    if args.reps < 1:
+        raise QwenMLXError(f"--reps must be at least 1, got {args.reps}")
     if bool(args.model) == bool(args.shape):
         raise QwenMLXError("give a model folder or hub id, or --shape NAME (one of them)")
-    work = Path(args.work) if args.work else cache_dir() / "bench"
+    if args.shape in SHAPES:
+        full = SHAPES[args.shape]["num_hidden_layers"]
+        if args.layers is None:
+            args.layers = min(4, full)
+        elif not 1 <= args.layers <= full:
+            raise QwenMLXError(f"--layers must be from 1 to {full} ({args.shape} has {full} "
+                               f"layers), got {args.layers}")
+    out = Path(args.out)
+    print(f"qwen-mlx bench: results go to {out.resolve()}; synthetic checkpoints and "
+          f"converted models are kept in {work} for the next run ("
+          + ("removed after this one" if args.clean else "`qwen-mlx bench --clean` removes them")
+          + ")", file=sys.stderr, flush=True)
     if args.shape:
         source = work / f"{args.shape}-L{args.layers}"
         if not (source / "config.json").exists():
@@ -337,7 +488,6 @@ def run_bench(args: argparse.Namespace) -> int:
                    ("mixed_4_6", 4, g), ("uniform", 8, g)]
         report.quality = quantization_quality(
             source, work, choices, log=lambda m: print(m, file=sys.stderr, flush=True))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(report.to_json())
     (out / "bench.md").write_text(report.markdown() + "\n")
@@ -346,14 +496,58 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}"
           + (f", {out / 'bench.png'}" if plotted else " (pip install matplotlib for plots)"),
           file=sys.stderr)
+    if args.clean:
+        _report_clean(work)
+    return 0
+
+
+def _report_clean(work: Path) -> int:
+    removed = clean_bench(work)
+    if removed:
+        freed = sum(size for _, size in removed)
+        print(f"removed {len(removed)} folder{'s' if len(removed) != 1 else ''} "
+              f"({freed / 1e6:,.1f} MB) from {work}: {', '.join(n for n, _ in removed)}",
+              file=sys.stderr)
+    else:
+        print(f"nothing to remove: {work} holds no synthetic checkpoints or converted models",
+              file=sys.stderr)
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
+    from .checkpoint.hub import is_repo_id
     from .model.config import ModelConfig
 
-    config = ModelConfig.from_file(Path(args.model).expanduser() / "config.json")
+    folder = Path(args.model).expanduser()
+    if not folder.exists():
+        if is_repo_id(args.model):
+            raise QwenMLXError(f"info needs a local folder, and {args.model} is not one (it "
+                               "looks like a hub repo id): download or convert it first, e.g. "
+                               f"`qwen-mlx convert {args.model}`, and give that folder")
+        raise QwenMLXError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise QwenMLXError(f"{folder}: not a folder; info needs a model folder")
+    config = ModelConfig.from_file(folder / "config.json")
     print(config.describe())
+    native = config.native_context
+    if config.rope.rope_type == "yarn":
+        base = config.rope.original_max_position_embeddings or config.max_position_embeddings
+        context = f"{native:,} positions (YaRN x{config.rope.factor:g} of {base:,})"
+    elif config.family == "qwen":
+        context = f"{native:,} positions (dynamic NTK and LogN)" if config.ntk_seq_length \
+            else f"{native:,} positions"
+    else:
+        context = f"{native:,} positions (--rope-scaling yarn extends it)"
+    print(f"context: {context}")
+    print(f"vocabulary: {config.vocab_size:,} embedding rows; tied embeddings: "
+          f"{'yes' if config.tie_word_embeddings else 'no'}")
+    tensors = _tensor_headers(folder)
+    params, mtp, stored = _parameter_count(tensors, config.quantization)
+    print(f"parameters: {_count(params)}" + (f" (and {_count(mtp)} in the multi-token "
+                                             "prediction head)" if mtp else ""))
+    kinds = sorted(stored, key=stored.get, reverse=True)
+    print(f"dtype: {config.torch_dtype or 'not given in config.json'}; stored as "
+          + (", ".join(_DTYPE_NAMES.get(k, k) for k in kinds) or "nothing"))
     windows = sorted({w for w in config.sliding_windows if w})
     if windows:
         n = sum(1 for w in config.sliding_windows if w)
@@ -364,9 +558,74 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
+                "U32": "uint32 (packed quantized weights)", "I64": "int64", "I32": "int32",
+                "U8": "uint8", "I8": "int8", "BOOL": "bool"}
+
+
+def _tensor_headers(folder: Path) -> dict[str, dict]:
+    """Every tensor's dtype and shape, from the safetensors headers alone (no weights read)."""
+    from .checkpoint.loader import list_shards
+    from .errors import WeightsError
+
+    tensors: dict[str, dict] = {}
+    for f in list_shards(folder):
+        try:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                if size > 100 * 2 ** 20:
+                    raise ValueError(f"a header of {size:,} bytes")
+                header = json.loads(fh.read(size))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not an object")
+        except OSError as e:
+            raise WeightsError(f"{f}: cannot be read ({e.strerror})") from None
+        except (struct.error, ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise WeightsError(f"{f}: not a safetensors file ({e}); it is truncated or corrupt: "
+                               "download or convert it again") from None
+        for name, info in header.items():
+            if name != "__metadata__" and isinstance(info, dict):
+                tensors[name] = info
+    return tensors
+
+
+def _parameter_count(tensors: dict[str, dict], quantization: dict | None,
+                     ) -> tuple[int, int, dict[str, int]]:
+    """(parameters, of them in an MTP head, elements stored per dtype). A quantized weight
+    counts the values it packs; its scales and biases are not parameters."""
+    import math
+
+    params = mtp = 0
+    stored: dict[str, int] = {}
+    for name, info in tensors.items():
+        shape, dtype = list(info.get("shape", [])), str(info.get("dtype", "?"))
+        module, _, leaf = name.rpartition(".")
+        quantized = f"{module}.scales" in tensors
+        if quantized and leaf in ("scales", "biases"):
+            continue
+        n = math.prod(shape)
+        stored[dtype] = stored.get(dtype, 0) + n
+        if quantized and leaf == "weight" and shape:
+            own = (quantization or {}).get(module)
+            bits = own.get("bits") if isinstance(own, dict) else (quantization or {}).get("bits")
+            n = n * 32 // int(bits or 4)
+        params += n
+        if name.startswith("mtp."):
+            mtp += n
+    return params - mtp, mtp, stored
+
+
+def _count(n: int) -> str:
+    return f"{n:,} ({n / 1e9:.2f} B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.2f} M)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse reports these from the top parser; the subcommand's usage helps more.
+        command = parser.subcommands.get(args.command) if args.command else None
+        (command or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from qwen_mlx.generate.sampling import QWEN3_THINKING
+
 pytestmark = pytest.mark.bench
 
 
@@ -38,7 +40,20 @@ def test_bench_harness_on_a_tiny_shape(tmp_path):
             peer[ctx]["peak_memory_gb"] / ours[ctx]["peak_memory_gb"])
     assert report["multi_turn"]["turns"] == 3 and report["multi_turn"]["reused_ttft"] > 0
     assert 0 < report["roofline"]["percent"] and report["roofline"]["bandwidth_gbps"] > 0
-    assert "| qwen-mlx | 12 |" in (out / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
+    assert "| qwen-mlx | 12 |" in md
+    # The header in words: no Python dicts, no Device(cpu, 0).
+    header = md.splitlines()[0]
+    assert header.startswith("Model: tiny-shape, 2 layers, 4-bit · float32, 3 new tokens, "
+                             "1 run per point, contexts 12, 24 · on the ")
+    assert "{" not in header and "Device(" not in header
+    # Decode with Qwen3's thinking preset beside greedy, alternating on one prompt.
+    sampling = report["sampling"]
+    assert sampling["params"] == QWEN3_THINKING and sampling["context"] == 12
+    assert sampling["greedy_tps"] > 0 and sampling["preset_tps"] > 0
+    assert sampling["ratio"] == pytest.approx(sampling["preset_tps"] / sampling["greedy_tps"])
+    assert (f"Decode with Qwen3's thinking preset (temperature 0.6, top-p 0.95, top-k 20), "
+            f"alternating with greedy at 12 tokens: {sampling['preset_tps']:.2f} tok/s") in md
     assert "| 12 | " in r.stdout and "TTFT (speed-up)" in r.stdout
     assert "bench:" in r.stderr and "run/s" in r.stderr  # the progress bar
     png = (out / "bench.png").read_bytes()
