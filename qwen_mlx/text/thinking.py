@@ -5,6 +5,7 @@ ordinary, non-special added tokens, so they survive decoding and reach us as tex
 possibly cut anywhere by the stream. Qwen3 lays a reply out as
 ``<think>\\nreasoning\\n</think>\\n\\nanswer``, and with thinking off the template prefills
 ``<think>\\n\\n</think>\\n\\n``, which the model may also write itself after ``/no_think``.
+Qwen3.5/3.6 templates prefill ``<think>\\n`` instead (thinking on) and have no soft switch.
 
 `ThinkingParser` trims exactly this, so a UI gets clean text:
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ThinkingParser", "strip_reasoning", "thinking_enabled"]
+__all__ = ["ThinkingParser", "mentions_soft_switch", "strip_reasoning", "thinking_enabled"]
 
 THINKING, ANSWER = "thinking", "answer"
 
@@ -122,8 +123,14 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-# A soft switch is a word of its own: "/think" in "/thinking" or "src/think" is not one.
-_SWITCH = re.compile(r"(?<![\w/])/(think|no_think)(?!\w)")
+# A soft switch is a word of its own: "/think" in "/thinking", "src/think" or the tag
+# "</think>" is not one.
+_SWITCH = re.compile(r"(?<![\w/<])/(think|no_think)(?!\w)")
+
+
+def mentions_soft_switch(text: str) -> bool:
+    """Whether `text` holds a ``/think`` or ``/no_think`` switch word."""
+    return _SWITCH.search(text) is not None
 
 
 def _content_text(content) -> str:
@@ -135,15 +142,21 @@ def _content_text(content) -> str:
     return ""
 
 
-def thinking_enabled(messages: list[dict], enable_thinking: bool | None) -> bool:
+def thinking_enabled(messages: list[dict], enable_thinking: bool | None, *,
+                     soft_switch: bool = True) -> bool:
     """Whether the model will reason in its next reply (spec §5, soft switch).
 
     ``enable_thinking=False`` turns thinking off whatever the messages say. Otherwise
     (None, the default, means on) the latest ``/think`` or ``/no_think`` in a user or
-    system message decides, and with neither thinking is on.
+    system message decides, and with neither thinking is on. Pass ``soft_switch=False``
+    for a chat template without the switch (`QwenTokenizer.has_soft_switch`): Qwen3.5/3.6
+    open the reasoning block themselves and were not trained on it, so there the words
+    are plain text and only `enable_thinking` counts.
     """
     if enable_thinking is False:
         return False
+    if not soft_switch:
+        return True
     for message in reversed(messages):
         if message.get("role") not in ("user", "system"):
             continue

@@ -28,6 +28,7 @@ from .templates import (
     plain_template_data,
 )
 from .detokenizer import StreamingDetokenizer, token_bytes_table
+from .thinking import mentions_soft_switch
 from ..errors import QwenMLXError
 
 __all__ = ["QwenTokenizer", "check_fits_model"]
@@ -77,6 +78,7 @@ class QwenTokenizer:
         # keeps two threads from seeing each other's setting.
         self._lock = threading.Lock()
         self._token_bytes: list[bytes] | None = None
+        self._soft_switch: dict[str, bool] = {}  # template source -> has_soft_switch
 
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
@@ -255,6 +257,45 @@ class QwenTokenizer:
         if not tokenize:
             return SpecialTokenShield.reveal(rendered, sentinels)
         return self._encode_rendered(rendered, sentinels)
+
+    def has_soft_switch(self, *, tools: Sequence[Mapping[str, Any]] | None = None,
+                        chat_template: str | None = None) -> bool:
+        """Whether ``/think`` and ``/no_think`` in messages switch this template's thinking.
+
+        Pass the result to `thinking_enabled` as ``soft_switch``. The switch is something
+        Qwen3's hybrid models were trained on, not template code (Qwen3's template never
+        mentions it), so it is recognised by how the template treats thinking:
+
+        - a template whose text handles ``/think`` or ``/no_think`` itself defines it;
+        - a template that never reads ``enable_thinking`` has no thinking switch at all
+          (Qwen2.5, Qwen3-2507 Instruct, the built-in ChatML);
+        - one that reads it defines the soft switch only when, thinking left on, its
+          generation prompt leaves the choice to the model (Qwen3's bare
+          ``<|im_start|>assistant\\n``). A prompt that opens the ``<think>`` block itself
+          (Qwen3.5/3.6's ``<think>\\n``, Qwen3-Thinking) forces reasoning: no switch.
+
+        Decided once per template, by rendering a one-message chat.
+        """
+        template = self._pick_template(chat_template, tools)
+        source = template.source
+        known = self._soft_switch.get(source)
+        if known is not None:
+            return known
+        if mentions_soft_switch(source):
+            found = True
+        elif "enable_thinking" not in source:
+            found = False
+        else:
+            try:
+                prompt = self.apply_chat_template(
+                    [{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                    tokenize=False, chat_template=source, tools=tools)
+                found = prompt.rfind("<think>") <= prompt.rfind("</think>")
+            except QwenMLXError:
+                found = True  # cannot tell: keep the Qwen3 behaviour
+        if len(self._soft_switch) < 16:  # chat_template= strings could be endless
+            self._soft_switch[source] = found
+        return found
 
     def _pick_template(self, name_or_source: str | None, tools: Any) -> ChatTemplate:
         # transformers' get_chat_template: a name, else tool_use with tools, else default.

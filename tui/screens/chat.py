@@ -267,7 +267,9 @@ class ChatScreen(Screen):
         flag = self.record.enable_thinking
         draft = self.prompt.text
         messages = self.record.messages + ([{"role": "user", "content": draft}] if draft else [])
-        on = thinking_enabled(messages, flag)
+        # Only templates with the soft switch (Qwen3) heed /no_think; Qwen3.5's do not.
+        switch = getattr(self.app.tokenizer, "has_soft_switch", None)
+        on = thinking_enabled(messages, flag, soft_switch=switch() if switch else True)
         if flag is False:
             return "thinking off (Ctrl+T)"
         return "thinking on" if on else "thinking off (/no_think)"
