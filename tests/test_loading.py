@@ -189,7 +189,10 @@ def test_cli_info_and_user_errors(tmp_path, qwen2):
     assert r.returncode == 0 and "qwen2: 4 layers, hidden 64" in r.stdout
     r = run_cli("info", str(tmp_path / "missing"))
     assert r.returncode == 2
-    assert "error:" in r.stderr and "config.json" in r.stderr and "Traceback" not in r.stderr
+    assert "error:" in r.stderr and "no such folder" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run_cli("info", str(tmp_path / "empty"))
+    assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bfloat16_moe_on_cpu_runs(tmp_path):
