@@ -22,7 +22,7 @@ from qwen_mlx.text.thinking import thinking_enabled
 from qwen_mlx.text.tokenizer import QwenTokenizer
 
 TEMPLATE_DIR = Path(__file__).parent / "fixtures" / "templates"
-IM_START, IM_END, ENDOFTEXT = 248045, 248046, 248044
+IM_START = 248045
 SPECIAL = [c for c, special in QWEN35_ADDED_TOKENS if special]
 NOT_SPECIAL = [c for c, special in QWEN35_ADDED_TOKENS if not special]
 GEN_THINK = "<|im_start|>assistant\n<think>\n"
@@ -149,8 +149,8 @@ def test_generation_prompt_thinks_by_default(tok):
     assert render(tok, "thinking_on").endswith("<|im_end|>\n" + GEN_THINK)
     assert render(tok, "thinking_off").endswith("<|im_end|>\n" + GEN_NO_THINK)
     ids = tok.apply_chat_template([user("Hi")], add_generation_prompt=True)
-    assert ids[-4:] == [IM_START, *tok.encode("assistant\n"), tok.think_start_id,
-                        *tok.encode("\n")][-4:]
+    tail = [IM_START, *tok.encode("assistant\n"), tok.think_start_id, *tok.encode("\n")]
+    assert ids[-len(tail):] == tail
 
 
 def test_tools_go_in_the_system_block(tok):
@@ -331,9 +331,9 @@ def test_soft_switch_is_recognised_per_template(tok):
     assert with_template(tok, read("qwen2_5")).has_soft_switch() is False  # no thinking at all
     assert with_template(tok, None).has_soft_switch() is False  # built-in ChatML
     # Qwen3-Thinking-2507 style: always prefills <think>, even with enable_thinking read.
-    forced = read("qwen3").replace(
-        "{{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}",
-        "{{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- else %}{{- '<think>\\n' }}\n    {%- endif %}")
+    off = "{{- '<think>\\n\\n</think>\\n\\n' }}\n    "
+    forced = read("qwen3").replace(off + "{%- endif %}",
+                                   off + "{%- else %}{{- '<think>\\n' }}\n    {%- endif %}")
     assert forced != read("qwen3")
     assert with_template(tok, forced).has_soft_switch() is False
     # A template that handles the words itself defines the switch.

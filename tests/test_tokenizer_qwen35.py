@@ -11,9 +11,14 @@ source.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import inspect
 import json
+import json.decoder
 import random
+import textwrap
+import typing
 import unicodedata
 
 import pytest
@@ -34,6 +39,7 @@ from qwen_mlx.text.tiktoken import (
     QWEN35_PATTERN,
     QWEN35_STOP_IDS,
     QWEN35_VOCAB_ROWS,
+    _write_atomic,
     read_tiktoken,
     write_qwen35_tokenizer,
 )
@@ -167,9 +173,8 @@ def corpus() -> list[str]:
     docs += ["\n".join(single[i:i + 100]) for i in range(0, len(single), 100)]
     docs += [token_soup(rng, multi, 80) for _ in range(1500)]
     docs += [random_text(rng, pools, 60) for _ in range(600)]
-    import argparse, dataclasses, json as json_module, textwrap, typing  # noqa: E401
-    docs += [inspect.getsource(m) for m in (argparse, dataclasses, json_module.decoder,
-                                            textwrap, typing)]
+    docs += [inspect.getsource(m) for m in (argparse, dataclasses, json.decoder, textwrap,
+                                            typing)]
     return docs
 
 
@@ -294,6 +299,18 @@ def test_writer_checks_its_input_and_leaves_no_temporary_files(tmp_path, folder)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.json",
                                                          "tokenizer_config.json"]
+
+
+def test_files_are_replaced_whole(tmp_path):
+    target = tmp_path / "tokenizer.json"
+    target.write_text("old")
+    _write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == 0o644
+    (tmp_path / "tokenizer_config.json").mkdir()
+    with pytest.raises(QwenMLXError, match="is a folder"):
+        _write_atomic(tmp_path / "tokenizer_config.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json",
+                                                           "tokenizer_config.json"]
 
 
 # --- streaming detokenizer ----------------------------------------------------------------
