@@ -283,7 +283,9 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
             ids = list(prompt)
         cache = prompt_cache if prompt_cache is not None else model.make_cache(
             kv_bits=kv_bits, max_kv_size=max_kv_size)
-        thinking = (thinking_enabled(messages, enable_thinking) if messages is not None
+        thinking = (thinking_enabled(messages, enable_thinking,
+                                     soft_switch=_soft_switch(tokenizer, tools))
+                    if messages is not None
                     else enable_thinking is not False)
         return _stream(model, tokenizer, ids, cache, context=ids, thinking=thinking,
                        max_tokens=max_tokens, stop=stop, prefill_step_size=prefill_step_size,
@@ -445,6 +447,17 @@ def reuse_cache(cache: list, cached: list[int], ids: list[int], *,
     return list(ids[:common]), list(ids[common:])
 
 
+def _soft_switch(tokenizer, tools) -> bool:
+    """Whether /think and /no_think switch this template (Qwen3's do; Qwen3.5's do not)."""
+    has = getattr(tokenizer, "has_soft_switch", None)
+    return True if has is None else has(tools=tools)
+
+
+# Turn snapshots a session keeps for hybrid (and windowed) caches: each holds a DeltaNet
+# layer's constant-size state (2 MiB per layer at Qwen3.5-35B-A3B's size).
+MAX_SNAPSHOTS = 8
+
+
 class ChatSession:
     """A conversation with its KV cache, reused across turns, regenerations and edits.
 
@@ -476,9 +489,11 @@ class ChatSession:
         self.cache = model.make_cache(kv_bits=kv_bits, max_kv_size=max_kv_size)
         self.cached: list[int] = []  # the token ids whose keys and values the cache holds
         # Layers that cannot trim (rotating ones once they dropped a position, linear
-        # attention's state) are snapshotted where the next turn's prompt will part from
-        # this one's: (the ids held then, the snapshots).
-        self._snapshot: tuple[list[int], list] | None = None
+        # attention's state) are snapshotted where each next turn's prompt will part from
+        # the turn before: (the ids held then, the snapshots), shortest first, at most
+        # `max_snapshots` (the latest turns), so an edit goes back to the nearest one.
+        self._snapshots: list[tuple[list[int], list]] = []
+        self.max_snapshots = MAX_SNAPSHOTS
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         return self.tokenizer.apply_chat_template(
@@ -513,20 +528,32 @@ class ChatSession:
         return list(ids[common:])
 
     def _restore_snapshot(self, ids: list[int], common: int) -> int | None:
-        """Put back the snapshot when it is a prefix of `ids`; the positions then held."""
-        if self._snapshot is None:
-            return None
-        snap_ids, snaps = self._snapshot
-        p = len(snap_ids)
-        if p > common or list(ids[:p]) != snap_ids or not restore_cache(self.cache, snaps):
-            return None
-        # The restored layers write into the snapshot's own arrays from now on: keep
-        # fresh views instead, so the snapshot can serve again (another regenerate).
-        self._snapshot = (snap_ids, snapshot_cache(self.cache))
-        return p
+        """Put back the longest snapshot that is a prefix of `ids`; the positions then held.
+
+        Snapshots past the one restored describe a history that is gone: they are dropped.
+        """
+        for k in range(len(self._snapshots) - 1, -1, -1):
+            snap_ids, snaps = self._snapshots[k]
+            p = len(snap_ids)
+            if p <= common and list(ids[:p]) == snap_ids and restore_cache(self.cache, snaps):
+                # Restored layers write into the snapshot's own arrays from now on: keep
+                # fresh views instead, so the snapshot can serve again (another regenerate).
+                self._snapshots[k:] = [(snap_ids, snapshot_cache(self.cache))]
+                return p
+        self._snapshots.clear()
+        return None
 
     def _take_snapshot(self, ids: list[int]) -> None:
-        self._snapshot = (list(ids), snapshot_cache(self.cache))
+        ids = list(ids)
+        # Keep the earlier snapshots this history still starts with, then this one.
+        kept = [s for s in self._snapshots if len(s[0]) < len(ids) and ids[:len(s[0])] == s[0]]
+        self._snapshots = (kept + [(ids, snapshot_cache(self.cache))])[-self.max_snapshots:]
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Memory the turn snapshots keep alive beyond the cache itself (an upper bound:
+        arrays they share with the live cache are counted)."""
+        return sum(s.nbytes for _, snaps in self._snapshots for s in snaps)
 
     def _next_turn_prefix(self, ids: list[int]) -> int:
         """How much of `ids` the next turn's prompt will share (templates re-render the
@@ -538,7 +565,7 @@ class ChatSession:
     def reset_cache(self) -> None:
         clear_cache(self.cache)
         self.cached = []
-        self._snapshot = None
+        self._snapshots = []
 
     def send(self, text: str, **options) -> Iterator[GenerationResponse]:
         """Add a user message and stream the reply."""
@@ -627,7 +654,8 @@ class ChatSession:
         start = self.cache[0].offset
         generated: list[int] = []
         thinking_parts, answer_parts, calls = [], [], []
-        thinking = thinking_enabled(self.messages, self.enable_thinking)
+        thinking = thinking_enabled(self.messages, self.enable_thinking,
+                                    soft_switch=_soft_switch(self.tokenizer, self.tools))
         outcome = "failed"
         try:
             for r in _stream(self.model, self.tokenizer, new, self.cache, context=ids,
