@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open the chat UI. --model takes an MLX or Hugging Face folder or a hub "
                     "repo id; a hub model that is not in MLX form is converted to 4-bit once "
                     "and cached.")
-    chat.add_argument("-m", "--model", help="model folder or hub repo id (default: Qwen/Qwen3-0.6B)")
+    chat.add_argument("-m", "--model", help="model folder or hub repo id (default: Qwen/Qwen3.5-0.8B)")
     chat.add_argument("--revision", help="hub branch, tag or commit")
     chat.add_argument("--rope-scaling", choices=["yarn"],
                       help="extend the context with YaRN (best only for long inputs)")

@@ -16,7 +16,7 @@ from typing import Callable
 from ..errors import QwenMLXError
 from .hub import is_repo_id, resolve_model_path
 
-DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+DEFAULT_MODEL = "Qwen/Qwen3.5-0.8B"
 
 
 def cache_dir() -> Path:
