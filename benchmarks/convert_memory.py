@@ -7,6 +7,9 @@ converts it in fresh processes with each tool, float and 4-bit, and prints
 peak RSS and seconds.
 
     python benchmarks/convert_memory.py [--source FOLDER] [--work /tmp/convert-bench]
+    python benchmarks/convert_memory.py --shape qwen3.5-35b-a3b-shape-small --layers 2
+
+A hybrid shape is written as published (nested, Qwen3.5-MoE's fused experts).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_count
 BUILD_SOURCE = r"""
 import pathlib, sys
 from qwen_mlx.bench import synthetic_checkpoint
-synthetic_checkpoint(pathlib.Path(sys.argv[1]), "qwen3-1.7b-shape", layers=8, shards=4)
+synthetic_checkpoint(pathlib.Path(sys.argv[1]), sys.argv[2], layers=int(sys.argv[3]), shards=4)
 """
 
 
@@ -41,11 +44,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp/convert-bench"))
+    ap.add_argument("--shape", default="qwen3-1.7b-shape", help="the harness's synthetic shape")
+    ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
     src = args.source or args.work / "source"
     if args.source is None and not (src / "config.json").exists():
         # In a child process: a child's peak RSS starts from its parent's at fork.
-        subprocess.run([sys.executable, "-c", BUILD_SOURCE, str(src)], check=True)
+        subprocess.run([sys.executable, "-c", BUILD_SOURCE, str(src), args.shape,
+                        str(args.layers)], check=True)
     shards = sorted(src.glob("*.safetensors"))
     total = sum(p.stat().st_size for p in shards)
     print(f"source {total / 2**20:.0f} MB in {len(shards)} shards, "

@@ -1,4 +1,4 @@
-"""The chat UI's single MLX thread: results, errors, one thread for every job."""
+"""The library's MLX thread, which the chat UI uses too: results, errors, one thread."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import threading
 import mlx.core as mx
 import pytest
 
-from tui.mlx_thread import MLXThread
+from qwen_mlx.generate.worker import MLXWorker
 
 
 def test_jobs_run_on_one_thread_from_any_caller():
-    runner = MLXThread()
+    runner = MLXWorker()
     seen = []
 
     def job(x):
@@ -29,7 +29,7 @@ def test_jobs_run_on_one_thread_from_any_caller():
 
 
 def test_errors_reach_the_caller_and_the_thread_survives():
-    runner = MLXThread()
+    runner = MLXWorker()
 
     def fail():
         raise ValueError("bad config")

@@ -16,9 +16,9 @@ from textual.app import App
 from textual.binding import Binding
 
 from qwen_mlx.generate.generation import ChatSession
+from qwen_mlx.generate.worker import WORKER
 from qwen_mlx.checkpoint.loader import load
 
-from .mlx_thread import MLXThread
 from .paths import resolve_data_dir
 from .screens.chat import ChatScreen
 from .settings import Settings
@@ -75,7 +75,9 @@ class ChatApp(App[None]):
         self.clock, self.flush_interval = clock, flush_interval
         self.session_factory = session_factory
         self._chat_id = chat_id
-        self.mlx = MLXThread()  # loads and turns run here, never on Textual's workers
+        # Loads and turns run on the library's one MLX thread, never on Textual's workers:
+        # MLX keeps every evaluating thread's streams (and OS threads) for good.
+        self.mlx = WORKER
 
     def get_default_screen(self) -> ChatScreen:
         return ChatScreen()

@@ -1,8 +1,8 @@
 """One turn, in the generation thread: fit the context, stream the reply, report.
 
-Runs on the app's MLX thread (tui.mlx_thread) and touches only the ChatSession it
-was given; every result reaches the UI as a message through `post` (thread-safe,
-never waits).
+Runs on the library's MLX thread (qwen_mlx.generate.worker) and touches only the
+ChatSession it was given; every result reaches the UI as a message through `post`
+(thread-safe, never waits).
 """
 
 from __future__ import annotations

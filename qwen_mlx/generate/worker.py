@@ -48,6 +48,11 @@ class MLXWorker:
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
 
+    @property
+    def ident(self) -> int | None:
+        """The worker thread's id, once it has started."""
+        return None if self._thread is None else self._thread.ident
+
     def on_thread(self) -> bool:
         """Whether the caller is this worker's thread."""
         return self._thread is not None and threading.get_ident() == self._thread.ident

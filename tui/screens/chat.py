@@ -389,7 +389,7 @@ class ChatScreen(Screen):
 
     @work(thread=True, group="turn", exit_on_error=False)
     def _run_turn(self, request: TurnRequest, session: Any, cancel: threading.Event) -> None:
-        """Waits for the turn on the app's MLX thread (see tui.turns and tui.mlx_thread);
+        """Waits for the turn on the app's MLX thread (see tui.turns and qwen_mlx.generate.worker);
         the turn reports through post_message only."""
         self.app.mlx.run(run_turn, request, session, cancel, post=self.post_message,
                          clock=self.app.clock, interval=self.app.flush_interval)
