@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
 import struct
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from . import __version__
 from .errors import QwenMLXError
@@ -216,27 +218,22 @@ SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"
                   "presence_penalty", "frequency_penalty", "seed")
 
 
-class _as_flags:
-    """Re-raise a QwenMLXError that starts with one of `names` (top_p) as its flag (--top-p)."""
-
-    def __init__(self, names: tuple[str, ...]):
-        self.names = names
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, tb) -> bool:
-        if isinstance(error, QwenMLXError):
-            text = str(error)
-            for name in sorted(self.names, key=len, reverse=True):
-                if re.match(rf"{name}\b", text):
-                    raise QwenMLXError("--" + name.replace("_", "-") + text[len(name):]) from None
-        return False
+@contextlib.contextmanager
+def _as_flags(names: tuple[str, ...]) -> Iterator[None]:
+    """Re-raise a QwenMLXError that starts with one of `names` (top_p) as its flag (--top-p):
+    the user typed the flag, so the message names it."""
+    try:
+        yield
+    except QwenMLXError as e:
+        text = str(e)
+        name = next((n for n in names if re.match(rf"{n}\b", text)), None)
+        if name is None:
+            raise
+        raise QwenMLXError("--" + name.replace("_", "-") + text[len(name):]) from None
 
 
 def check_max_context(folder: Path, max_context: int | None, rope_scaling: str | None,
-                      rope_factor: float, *, flags: str = "--rope-scaling yarn --rope-factor",
-                      ) -> None:
+                      rope_factor: float) -> None:
     """Refuse a --max-context beyond what the model handles with its RoPE as it will run
     (positions past it come out garbled), saying which YaRN factor would cover it."""
     import math
@@ -262,8 +259,9 @@ def check_max_context(folder: Path, max_context: int | None, rope_scaling: str |
     rope = config.rope.rope_type
     now = f" with {rope} x{config.rope.factor:g}" if rope != "default" else ""
     raise QwenMLXError(f"--max-context {max_context:,} is above this model's context of "
-                       f"{native:,} positions{now}; extend it with {flags} {factor} "
-                       f"({factor * base:,} positions), or give at most {native:,}")
+                       f"{native:,} positions{now}; extend it with --rope-scaling yarn "
+                       f"--rope-factor {factor} ({factor * base:,} positions), or give at most "
+                       f"{native:,}")
 
 
 def run_generate(args: argparse.Namespace) -> int:

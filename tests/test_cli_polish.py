@@ -221,7 +221,8 @@ def test_a_wrong_flag_shows_the_subcommands_usage(run, argv, wrong):
 def test_bench_refuses_layers_outside_the_shape(tmp_path, run, layers):
     code, _, err = run("bench", "--shape", "tiny-shape", "--layers", layers,
                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"))
-    assert code == 2 and f"--layers must be from 1 to 2 (tiny-shape has 2 layers), got {layers}" in err
+    assert code == 2
+    assert f"--layers must be from 1 to 2 (tiny-shape has 2 layers), got {layers}" in err
     assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()
 
 
