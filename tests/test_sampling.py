@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import generation as hf
 
@@ -166,18 +166,36 @@ def test_a_seed_draws_the_same_tokens_as_the_full_sort(params):
 
 
 def test_top_k_keeps_the_ties_with_the_kth_and_counts_their_mass():
-    # Top-2 of [5, 1, 1, 1, 0...]: the three 1s tie with the 2nd largest, all survive (as
-    # transformers keeps them) and share the mass: the 5 holds e^4/(e^4+3) = 0.948.
+    # Top-2 of [5, 1, 1, 1, 0...]: the three 1s tie with the 2nd largest and all survive
+    # top-k, as transformers keeps them; the 5 holds e^4/(e^4+3) = 0.948 of the mass.
     logits = np.zeros((1, V), np.float32)
     logits[0, :4] = [5, 1, 1, 1]
     hf_kept = kept(hf.TopKLogitsWarper(2)(None, torch.tensor(logits)).numpy()[0])
     assert hf_kept == {0, 1, 2, 3}
     top_k = Sampler(SamplingParams(temperature=1.0, top_k=2, top_p=1.0), V)
     assert kept(np.array(top_k.filter(mx.array(logits)))[0]) == hf_kept
-    # Top-p: the tokens before the 1s hold 0.948 of the mass (0.982 if the ties were not
-    # counted), so 0.96 keeps every 1 and 0.94 none; tokens of equal probability go together.
-    for top_p, expected in ((0.96, {0, 1, 2, 3}), (0.94, {0})):
-        s = Sampler(SamplingParams(temperature=1.0, top_k=2, top_p=top_p), V)
-        assert kept(np.array(s.filter(mx.array(logits)))[0]) == expected
-        full = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=top_p), 4)
-        assert kept(np.array(full.filter(mx.array(logits[:, :4])))[0]) == expected
+    # Top-p walks the ties in id order, each adding 0.017: 0.96 stops after the first
+    # (0.982 of the mass had the ties outside the partition not been counted: none kept).
+    for top_p, expected in ((0.94, {0}), (0.96, {0, 1}), (0.97, {0, 1, 2}), (0.99, {0, 1, 2, 3})):
+        params = SamplingParams(temperature=1.0, top_k=2, top_p=top_p)
+        assert kept(np.array(Sampler(params, V).filter(mx.array(logits)))[0]) == expected
+        assert kept(np.array(full_sort_filter(mx.array(logits), params))[0]) == expected
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 10_000), levels=st.integers(2, 12), top_k=st.integers(1, 60),
+       top_p=st.floats(0.05, 1.0), min_p=st.sampled_from([0.0, 0.1]),
+       temperature=st.sampled_from([0.5, 1.0]))
+def test_ties_keep_what_the_full_sort_keeps(seed, levels, top_k, top_p, min_p, temperature):
+    # Few distinct values (as bfloat16 logits have): ties at the k-th and at the top-p cut.
+    values = np.random.default_rng(seed).integers(0, levels, (1, 200)).astype(np.float32)
+    # Where the mass before a token equals top_p (0.5 with 92 tied tokens of 1/92 each),
+    # float rounding alone decides: no ranking is more right there, so skip those.
+    kth = np.sort(values[0])[-top_k]
+    ranked = np.sort(values[0][values[0] >= kth])[::-1] / temperature
+    probs = np.exp(ranked - ranked[0]) / np.exp(ranked - ranked[0]).sum()
+    assume(np.abs(np.cumsum(probs) - probs - top_p).min() > 1e-5)
+    logits = mx.array(values)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    ours = np.isfinite(np.array(Sampler(params, 200).filter(logits)))
+    np.testing.assert_array_equal(ours, np.isfinite(np.array(full_sort_filter(logits, params))))

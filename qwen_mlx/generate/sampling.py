@@ -178,53 +178,68 @@ class Sampler:
     def filter(self, logits: mx.array) -> mx.array:
         """Temperature, then top-k, top-p and min-p masks (-inf), as transformers orders them.
 
-        With top-k on, nothing sorts the vocabulary: a partition finds the k largest and
-        top-p and min-p rank only those (the rest hold no probability), which keeps the
-        same tokens as a full sort. Tokens tied with the k-th are kept, as transformers
-        keeps them; top-p keeps a token when the tokens more probable than it hold less
-        than top_p, so tokens of equal probability are kept or dropped together."""
+        Tokens tied with the k-th largest survive top-k (as in transformers); top-p keeps
+        the smallest prefix of the tokens ranked by probability, ties by id, whose mass
+        reaches top_p. With top-k on nothing sorts the vocabulary (see `_top_k_filter`)."""
         p = self.params
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.shape[-1]:
             return self._top_k_filter(logits)
         if p.min_p > 0 or p.top_p < 1:
             probs = mx.softmax(logits, axis=-1)
-            drop = None
             if p.min_p > 0:
-                drop = probs < p.min_p * probs.max(axis=-1, keepdims=True)
+                threshold = p.min_p * probs.max(axis=-1, keepdims=True)
+                logits = mx.where(probs < threshold, -mx.inf, logits)
             if p.top_p < 1:
-                ranked = -mx.sort(-probs, axis=-1)
-                below = probs < _top_p_smallest(ranked, ranked, p.top_p)
-                drop = below if drop is None else drop | below
-            logits = mx.where(drop, -mx.inf, logits)
+                order = mx.argsort(-probs, axis=-1)  # stable: ties in id order
+                sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+                # Keep the smallest prefix whose mass reaches top_p (at least one token).
+                before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+                drop_sorted = before >= p.top_p
+                drop = mx.zeros_like(drop_sorted)
+                drop = mx.put_along_axis(drop, order, drop_sorted, axis=-1)
+                logits = mx.where(drop, -mx.inf, logits)
         return logits
 
     def _top_k_filter(self, logits: mx.array) -> mx.array:
-        """`filter` with top-k on, from the k largest logits alone (plus a count of ties)."""
+        """`filter` with top-k on, keeping what the whole-vocabulary sort kept.
+
+        A partition finds the k largest; top-p and min-p rank only those (every other
+        token has no probability left), in the sort's order: by value, ties by id.
+        Tokens outside the partition that tie with the k-th survive top-k too: they
+        are counted into the mass, and where top-p's cut falls among the k-th's ties,
+        the lowest ids are kept, as the sort ranked them."""
         p, k = self.params, self.params.top_k
-        top = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k]
-        ranked = -mx.sort(-mx.take_along_axis(logits, top, axis=-1), axis=-1)
-        threshold = ranked[..., -1:]  # the k-th largest
-        if p.min_p > 0 or p.top_p < 1:
-            # Tokens outside the partition that tie with the k-th survive top-k too and
-            # share the probability mass.
-            ties = (logits >= threshold).sum(axis=-1, keepdims=True) - k
-            e = mx.exp(ranked - ranked[..., :1])
-            probs = e / (e.sum(axis=-1, keepdims=True) + ties.astype(e.dtype) * e[..., -1:])
-            if p.min_p > 0:
-                kept = (probs >= p.min_p * probs[..., :1]).sum(axis=-1, keepdims=True)
-                threshold = mx.maximum(threshold, mx.take_along_axis(ranked, kept - 1, axis=-1))
-            if p.top_p < 1:
-                threshold = mx.maximum(threshold, _top_p_smallest(probs, ranked, p.top_p))
-        return mx.where(logits < threshold, -mx.inf, logits)
-
-
-def _top_p_smallest(ranked_probs: mx.array, ranked: mx.array, top_p: float) -> mx.array:
-    """The smallest of `ranked` (sorted like `ranked_probs`, largest first) that top-p keeps:
-    the smallest prefix whose mass reaches top_p, and at least one token."""
-    before = mx.cumsum(ranked_probs, axis=-1) - ranked_probs
-    kept = (before < top_p).sum(axis=-1, keepdims=True)  # at least 1: before[0] is 0
-    return mx.take_along_axis(ranked, kept - 1, axis=-1)
+        top = mx.sort(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k], axis=-1)
+        order = mx.argsort(-mx.take_along_axis(logits, top, axis=-1), axis=-1)  # stable
+        ids = mx.take_along_axis(top, order, axis=-1)
+        ranked = mx.take_along_axis(logits, ids, axis=-1)
+        kth = ranked[..., -1:]
+        keep = logits >= kth
+        if not (p.min_p > 0 or p.top_p < 1):
+            return mx.where(keep, logits, -mx.inf)
+        ties = keep.sum(axis=-1, keepdims=True) - k  # outside the partition
+        e = mx.exp(ranked - ranked[..., :1])
+        last = e[..., -1:]
+        probs = e / (e.sum(axis=-1, keepdims=True) + ties.astype(e.dtype) * last)
+        if p.min_p > 0:
+            n = (probs >= p.min_p * probs[..., :1]).sum(axis=-1, keepdims=True)
+            keep = keep & (logits >= mx.take_along_axis(ranked, n - 1, axis=-1))
+        if p.top_p < 1:
+            cumulative = mx.cumsum(probs, axis=-1)
+            n = (cumulative - probs < p.top_p).sum(axis=-1, keepdims=True)  # >= 1
+            # Past the partition the sort's ranking goes on through the k-th's ties, each
+            # adding the k-th's probability.
+            last = probs[..., -1:]
+            room = mx.where(last > 0, (p.top_p - cumulative[..., -1:]) / last, 0.0)
+            n = n + mx.where(n == k, mx.clip(mx.ceil(room), 0, ties).astype(n.dtype), 0)
+            above = ranked > kth
+            first = above & (mx.arange(k) < n)
+            chosen = mx.put_along_axis(mx.zeros(logits.shape, mx.bool_), ids, first, axis=-1)
+            tied = logits == kth
+            reach = n - above.sum(axis=-1, keepdims=True)  # how many of the ties the cut keeps
+            keep = keep & (chosen | (tied & (mx.cumsum(tied.astype(mx.int32), axis=-1) <= reach)))
+        return mx.where(keep, logits, -mx.inf)
 
 
 def _greedy(logits: mx.array) -> mx.array:
