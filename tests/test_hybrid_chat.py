@@ -108,3 +108,13 @@ def test_snapshots_stay_bounded(hybrid):
         assert len(session._snapshots) <= 3
     lengths = [len(ids) for ids, _ in session._snapshots]
     assert lengths == sorted(lengths)
+
+
+def test_the_chat_ui_counts_the_snapshots_in_its_kv_figure(hybrid):
+    from tui.context import kv_cache_bytes
+
+    model, tokenizer = hybrid
+    session = ChatSession(model, tokenizer, enable_thinking=False)
+    _turn(session.send(MESSAGES[0], max_tokens=4, temperature=0.0))
+    assert session.snapshot_bytes > 0
+    assert kv_cache_bytes(session) == sum(c.nbytes for c in session.cache) + session.snapshot_bytes

@@ -150,7 +150,7 @@ def test_streamed_progress_carries_the_growing_kv_cache(tiny):
     kv = [m.kv_bytes for m in posted if isinstance(m, TurnProgress)]
     assert kv and kv[0] > 0 and kv == sorted(kv)
     done = posted[-1]
-    assert isinstance(done, TurnDone) and kv[-1] == done.kv_bytes == kv_cache_bytes(session.cache)
+    assert isinstance(done, TurnDone) and kv[-1] == done.kv_bytes == kv_cache_bytes(session)
 
 
 class ThreadRecordingSession(ChatSession):
@@ -787,7 +787,7 @@ def test_the_kv_figure_shrinks_when_old_turns_are_dropped(tiny):
     assert any(isinstance(m, TurnTrimmed) for m in posted)
     done = posted[-1]
     assert done.error is None and done.context_tokens < full.context_tokens
-    assert done.kv_bytes < full.kv_bytes and done.kv_bytes == kv_cache_bytes(session.cache)
+    assert done.kv_bytes < full.kv_bytes and done.kv_bytes == kv_cache_bytes(session)
 
 
 # ----------------------------------------------- chat files from elsewhere (issue 17)

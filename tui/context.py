@@ -15,9 +15,10 @@ class ContextFull(Exception):
     """Even the newest message alone does not fit the context."""
 
 
-def kv_cache_bytes(cache: Sequence[Any]) -> int:
-    """Bytes held by a session's KV cache (allocated buffers, every layer)."""
-    return sum(int(c.nbytes) for c in cache)
+def kv_cache_bytes(session: Any) -> int:
+    """Bytes a session's cache holds (allocated buffers, every layer), and the turn
+    snapshots a hybrid model's session keeps beside it."""
+    return sum(int(c.nbytes) for c in session.cache) + int(getattr(session, "snapshot_bytes", 0))
 
 
 def limit_label(model: Any) -> str:

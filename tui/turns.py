@@ -45,7 +45,7 @@ def run_turn(request: TurnRequest, session: Any, cancel: threading.Event, *,
     """Trim to fit, stream the reply through a TurnStreamer, then post TurnDone."""
     settings = request.settings
     streamer = TurnStreamer(post, turn=request.turn, clock=clock, interval=interval,
-                            kv_bytes=lambda: kv_cache_bytes(session.cache))
+                            kv_bytes=lambda: kv_cache_bytes(session))
     before = session.messages[-1] if session.messages else None
     error = None
     try:
@@ -79,7 +79,7 @@ def run_turn(request: TurnRequest, session: Any, cancel: threading.Event, *,
     post(TurnDone(
         request.turn, messages=messages, stats=streamer.stats() if replied else None,
         thinking=streamer.thinking() if replied else None,
-        context_tokens=session.cache[0].offset, kv_bytes=kv_cache_bytes(session.cache),
+        context_tokens=session.cache[0].offset, kv_bytes=kv_cache_bytes(session),
         reasoning_saved=saved, error=error, replied=replied))
 
 

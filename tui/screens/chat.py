@@ -293,7 +293,7 @@ class ChatScreen(Screen):
         if self.app.model is None or self.record is None:
             return
         self._measure_token += 1
-        kv = kv_cache_bytes(self.session.cache) if self.session is not None else 0
+        kv = kv_cache_bytes(self.session) if self.session is not None else 0
         self._show_context(kv=kv)
         self._measure_worker(list(self.record.messages), self.record.enable_thinking,
                              self._measure_token)
