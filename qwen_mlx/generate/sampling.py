@@ -220,8 +220,7 @@ class Sampler:
             return mx.where(keep, logits, -mx.inf)
         ties = keep.sum(axis=-1, keepdims=True) - k  # outside the partition
         e = mx.exp(ranked - ranked[..., :1])
-        last = e[..., -1:]
-        probs = e / (e.sum(axis=-1, keepdims=True) + ties.astype(e.dtype) * last)
+        probs = e / (e.sum(axis=-1, keepdims=True) + ties.astype(e.dtype) * e[..., -1:])
         if p.min_p > 0:
             n = (probs >= p.min_p * probs[..., :1]).sum(axis=-1, keepdims=True)
             keep = keep & (logits >= mx.take_along_axis(ranked, n - 1, axis=-1))
