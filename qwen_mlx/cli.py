@@ -126,26 +126,12 @@ def run_convert(args: argparse.Namespace) -> int:
 
     if args.bits is not None and args.recipe and RECIPES[args.recipe].low_bits:
         raise QwenMLXError(f"--recipe {args.recipe} sets the bits itself; drop --bits")
-    mlx_path = args.mlx_path
-    if mlx_path is None and args.dequantize:
-        mlx_path = dequantized_name(args.source, args.dtype)
-    result = convert(args.source, mlx_path, quantize=args.quantize or args.bits is not None,
+    result = convert(args.source, args.mlx_path, quantize=args.quantize or args.bits is not None,
                      bits=args.bits or 4, group_size=args.group_size, dtype=args.dtype,
                      recipe=args.recipe, revision=args.revision, force=args.force,
                      dequantize=args.dequantize, check=args.check, mtp=args.mtp)
     print(result.summary())
     return 0
-
-
-# How quantized folders are named: Qwen3-0.6B-4bit, -8bit-g64, -mixed_4_6, -MLX-4bit.
-_QUANTIZED_SUFFIX = re.compile(r"(-mlx)?-([2-8]bits?|mixed_\d+_\d+|mxfp4|nvfp4)(-g\d+)?(-mlx)?$",
-                               re.IGNORECASE)
-
-
-def dequantized_name(source: str, dtype: str | None = None) -> str:
-    """The default --dequantize output: ./X-float (or ./X-bfloat16 with --dtype) for X-4bit."""
-    name = Path(str(source).rstrip("/")).name or "model"
-    return f"{_QUANTIZED_SUFFIX.sub('', name) or name}-{dtype or 'float'}"
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:

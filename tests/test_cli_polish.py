@@ -13,6 +13,7 @@ import pytest
 
 from conftest import build_checkpoint, write_tiny_tokenizer
 from qwen_mlx import cli
+from qwen_mlx.checkpoint.converter import dequantized_name
 
 VOCAB = 320
 NATIVE = 256  # the tiny model's max_position_embeddings
@@ -266,7 +267,7 @@ def test_bench_clean_after_a_run_leaves_nothing(tmp_path, run):
     ("Tiny-MLX-8bit", "bfloat16", "Tiny-bfloat16"), ("Tiny", None, "Tiny-float"),
 ])
 def test_dequantize_names_the_output_after_the_float_model(name, dtype, expected):
-    assert cli.dequantized_name(f"some/where/{name}/", dtype) == expected
+    assert dequantized_name(f"some/where/{name}/", dtype) == expected
 
 
 def test_dequantize_writes_x_float_for_x_4bit(tiny, tmp_path, run, monkeypatch):

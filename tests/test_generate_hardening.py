@@ -7,7 +7,6 @@ and cache option checked before anything runs.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading

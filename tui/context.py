@@ -6,7 +6,7 @@ template; the heavier calls run in worker threads.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 WARN_AT = 0.85  # warn when the context is this full, before it overflows
 

@@ -151,7 +151,9 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
 
     suffix = (rec.name if rec.high_bits else f"{rec.low_bits or bits}bit") if quantize else (
         dtype or "mlx")
-    target = Path(mlx_path).expanduser() if mlx_path else Path(f"{_model_name(hf_path)}-{suffix}")
+    default = (dequantized_name(hf_path, dtype) if dequantize
+               else f"{_model_name(hf_path)}-{suffix}")
+    target = Path(mlx_path).expanduser() if mlx_path else Path(default)
     protected = _source_folders(source)
     _refuse_source_overlap(target, protected)
     _clean_stale_partials(target, log)
@@ -182,6 +184,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
         # Float folders validate in their stored dtype (casting a half-precision
         # model to float32 doubles its memory); quantized ones in load's default,
         # since MLX's CPU quantized matmul is many times slower in half precision.
+        mx.clear_cache()  # the conversion's buffers, before the result is loaded
         _validate(tmp, None if quantize else (DTYPES[dtype] if dtype else stats.float_dtype))
         result_check = _check(source, tmp) if check else None
         partial.release()
@@ -419,6 +422,9 @@ class _ShardWriter:
         self.files.append((path, list(self.buffer)))
         self.total += self.buffered
         self.buffer, self.buffered = {}, 0
+        # MLX keeps freed buffers for reuse; handing them back keeps the resident size
+        # near one shard in and one out, not the sum of every shard so far.
+        mx.clear_cache()
 
     def finish(self) -> int:
         """Flush, give the shards mlx-lm's names and write the index; returns the shard count."""
@@ -971,6 +977,17 @@ def _remove_replaced(path: Path, log: Callable[[str], None]) -> None:
     if errors:
         log(f"warning: the replaced folder's old files could not all be removed ({errors[0]}); "
             f"delete {path} by hand")
+
+
+# How quantized folders are named: Qwen3-0.6B-4bit, -8bit-g64, -mixed_4_6, -MLX-4bit.
+_QUANTIZED_SUFFIX = re.compile(r"(-mlx)?-([2-8]bits?|mixed_\d+_\d+|mxfp4|nvfp4)(-g\d+)?(-mlx)?$",
+                               re.IGNORECASE)
+
+
+def dequantized_name(source: str, dtype: str | None = None) -> str:
+    """The default --dequantize output: ./X-float (or ./X-bfloat16 with --dtype) for X-4bit."""
+    name = _model_name(source)
+    return f"{_QUANTIZED_SUFFIX.sub('', name) or name}-{dtype or 'float'}"
 
 
 def _model_name(source: str | Path) -> str:
