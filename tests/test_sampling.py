@@ -61,6 +61,26 @@ def test_presence_and_frequency_penalties_count_the_reply_only():
     assert out[4] == 0 and out[9] == pytest.approx(-0.75) and out[7] == pytest.approx(-1.0)
 
 
+def test_qwen35_presets_apply_like_qwen3s():
+    from qwen_mlx.generate.sampling import QWEN35_NON_THINKING, QWEN35_THINKING, family_preset
+
+    gen = generation_config_defaults({"do_sample": True, "temperature": 0.6, "top_p": 0.95})
+    for family in ("qwen3_5", "qwen3_5_moe"):
+        p = resolve_sampling(family=family, thinking=True, generation_config=gen)
+        assert (p.temperature, p.top_p, p.top_k, p.presence_penalty) == (1.0, 0.95, 20, 1.5)
+        p = resolve_sampling(family=family, thinking=False, generation_config=gen)
+        assert (p.temperature, p.top_p, p.top_k, p.presence_penalty) == (0.7, 0.8, 20, 1.5)
+        p = resolve_sampling(family=family, thinking=True, generation_config=gen,
+                             presence_penalty=0.0)
+        assert p.presence_penalty == 0.0  # the caller still wins
+    assert family_preset("qwen3_5", True) == QWEN35_THINKING
+    assert family_preset("qwen3_5_moe", False) == QWEN35_NON_THINKING
+    # Qwen3-Next and Qwen3-VL follow Qwen3's card; Qwen2.5 has no preset.
+    assert family_preset("qwen3_next", True) == QWEN3_THINKING
+    assert family_preset("qwen3_vl", False) == QWEN3_NON_THINKING
+    assert family_preset("qwen2", True) == {}
+
+
 def test_defaults_precedence():
     gen = generation_config_defaults({"do_sample": True, "temperature": 0.6, "top_p": 0.95,
                                       "top_k": 20, "repetition_penalty": 1.05})

@@ -1002,3 +1002,12 @@ async def test_a_bad_value_in_settings_json_is_named_and_the_rest_kept(tiny, tmp
         assert app.settings.system_prompt == "You are a pirate." and app.settings.top_p is None
         assert app.settings.max_tokens == 9
         assert app.chat.record.messages[0]["content"] == "You are a pirate."
+
+
+def test_settings_presets_follow_the_models_family():
+    from tui.settings import preset
+
+    assert preset(True, "qwen3_5")["temperature"] == 1.0
+    assert preset(False, "qwen3_5_moe")["presence_penalty"] == 1.5
+    assert preset(True, "qwen3")["temperature"] == 0.6 and preset(True, "qwen3")["presence_penalty"] is None
+    assert preset(True, None) == preset(True, "qwen2")  # no card preset: Qwen3's

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_mlx.errors import QwenMLXError
-from qwen_mlx.generate.sampling import QWEN3_NON_THINKING, QWEN3_THINKING, SamplingParams
+from qwen_mlx.generate.sampling import SamplingParams, family_preset
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                    "presence_penalty")
@@ -139,9 +139,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
-def preset(thinking: bool) -> dict[str, Any]:
-    """Qwen3's recommended sampling for a mode (from the model card, via the library)."""
-    return dict(QWEN3_THINKING if thinking else QWEN3_NON_THINKING)
+def preset(thinking: bool, family: str | None = None) -> dict[str, Any]:
+    """The model card's sampling for a mode (via the library): the loaded model's
+    family's (Qwen3.5's differ from Qwen3's), else Qwen3's. Fields the preset does not
+    set come back empty (automatic)."""
+    values = family_preset(family or "qwen3", thinking) or family_preset("qwen3", thinking)
+    return {name: values.get(name) for name in SAMPLING_FIELDS}
 
 
 def load_settings(path: Path) -> tuple[Settings, str | None]:

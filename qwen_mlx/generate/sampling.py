@@ -1,8 +1,9 @@
 """Sampling: defaults from the checkpoint and Qwen's presets, then one MLX sampler.
 
-Precedence, highest first: what the caller passes; Qwen3's recommended
-preset for the current thinking mode; generation_config.json; our own
-fallbacks. mlx-lm samples greedily by default, which Qwen warns against
+Precedence, highest first: what the caller passes; the model card's
+recommended preset for the family and the current thinking mode (Qwen3,
+Qwen3-Next and Qwen3-VL share Qwen3's; Qwen3.5/3.6 have their own);
+generation_config.json; our own fallbacks. mlx-lm samples greedily by default, which Qwen warns against
 for thinking models (it loops); we follow the checkpoint instead.
 """
 
@@ -20,6 +21,21 @@ from ..errors import QwenMLXError
 # Qwen3 model card: thinking and non-thinking presets.
 QWEN3_THINKING = dict(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
 QWEN3_NON_THINKING = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0)
+# Qwen3.5 model card (hybrid spec §9), the general-purpose rows of each mode.
+QWEN35_THINKING = dict(temperature=1.0, top_p=0.95, top_k=20, min_p=0.0, presence_penalty=1.5)
+QWEN35_NON_THINKING = dict(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0,
+                           presence_penalty=1.5)
+_QWEN3_PRESET_FAMILIES = ("qwen3", "qwen3_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe")
+_QWEN35_PRESET_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+
+
+def family_preset(family: str, thinking: bool) -> dict[str, Any]:
+    """The model card's sampling for a family and mode; {} for families without one."""
+    if family in _QWEN35_PRESET_FAMILIES:
+        return dict(QWEN35_THINKING if thinking else QWEN35_NON_THINKING)
+    if family in _QWEN3_PRESET_FAMILIES:
+        return dict(QWEN3_THINKING if thinking else QWEN3_NON_THINKING)
+    return {}
 
 
 @dataclass(frozen=True)
@@ -107,8 +123,7 @@ def resolve_sampling(*, family: str, thinking: bool, generation_config: dict,
                      **overrides) -> SamplingParams:
     """The effective sampling parameters (see the module docstring for precedence)."""
     values = dict(generation_config)
-    if family in ("qwen3", "qwen3_moe"):
-        values.update(QWEN3_THINKING if thinking else QWEN3_NON_THINKING)
+    values.update(family_preset(family, thinking))
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(SamplingParams)}
     unknown = sorted(set(overrides) - known)

@@ -45,8 +45,8 @@ class SettingsScreen(ModalScreen["Settings | None"]):
                 yield Label("System prompt (this chat and new ones)", classes="section first")
                 yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True,
                                compact=True, tab_behavior="focus")
-                yield Label("Sampling: empty = automatic (Qwen3: the preset of each "
-                            "reply's mode)", classes="section")
+                yield Label("Sampling: empty = automatic (Qwen3, Qwen3.5: the model "
+                            "card's preset of each reply's mode)", classes="section")
                 names = list(SAMPLING_FIELDS)
                 for left, right in zip(names[::2], names[1::2]):
                     with Horizontal(classes="row"):
@@ -94,13 +94,17 @@ class SettingsScreen(ModalScreen["Settings | None"]):
         prompt.move_cursor(prompt.document.end)  # typing adds to the prompt, as in an editor
         prompt.focus()
 
+    def _family(self) -> str | None:
+        model = getattr(self.app, "model", None)
+        return model.config.family if model is not None else None
+
     @on(Button.Pressed, "#preset-thinking")
     def _thinking_preset(self) -> None:
-        self._fill(preset(thinking=True))
+        self._fill(preset(thinking=True, family=self._family()))
 
     @on(Button.Pressed, "#preset-non-thinking")
     def _non_thinking_preset(self) -> None:
-        self._fill(preset(thinking=False))
+        self._fill(preset(thinking=False, family=self._family()))
 
     @on(Button.Pressed, "#preset-auto")
     def _auto(self) -> None:
