@@ -45,8 +45,8 @@ class SettingsScreen(ModalScreen["Settings | None"]):
                 yield Label("System prompt (this chat and new ones)", classes="section first")
                 yield TextArea(s.system_prompt, id="system_prompt", soft_wrap=True,
                                compact=True, tab_behavior="focus")
-                yield Label("Sampling: empty = automatic (Qwen3, Qwen3.5: the model "
-                            "card's preset of each reply's mode)", classes="section")
+                yield Label("Sampling: empty = automatic (the card's preset of each "
+                            "reply's mode)", classes="section")
                 names = list(SAMPLING_FIELDS)
                 for left, right in zip(names[::2], names[1::2]):
                     with Horizontal(classes="row"):
