@@ -8,6 +8,7 @@ since random weights never close a <think> block on cue.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -445,7 +446,9 @@ async def test_overflow_drops_the_oldest_turns_and_says_so(tiny, tmp_path):
         huge = "the quick brown fox jumps over the lazy dog. " * 12
         await send(pilot, huge)
         assert chat.session.messages == before and chat.prompt.text == huge
-        assert "needs more than the 64-token context" in str(chat.query(NoticeMessage)[-1].render())
+        notice = str(chat.query(NoticeMessage)[-1].render())
+        assert "needs more than the 64-token context" in notice
+        assert re.search(r"context: [\d,]+ tokens with what must stay", notice), notice
 
 
 # --------------------------------------------------------------- keys and copies

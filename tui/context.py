@@ -64,15 +64,15 @@ def turns_to_drop(tokenizer: Any, messages: list[dict], *, limit: int, reserve: 
     body = messages[len(head):]
     drop = 0
     while True:
-        if prompt_length(tokenizer, head + body[drop:], enable_thinking=enable_thinking) \
-                + reserve <= limit:
+        needed = prompt_length(tokenizer, head + body[drop:], enable_thinking=enable_thinking)
+        if needed + reserve <= limit:
             return drop
         later = [i for i in range(drop + 1, len(body)) if body[i].get("role") == "user"]
         if not later:
             raise ContextFull(
-                f"the message needs more than the {limit}-token context "
-                f"(with {reserve} kept for the reply); shorten it, or raise the "
-                "max context / turn on YaRN in the settings")
+                f"the message needs more than the {limit}-token context: {needed:,} tokens "
+                f"with what must stay, and {reserve} kept for the reply; shorten it, or raise "
+                "the max context / turn on YaRN in the settings")
         drop = later[0]
 
 
