@@ -115,10 +115,11 @@ class CacheSnapshot:
     @property
     def nbytes(self) -> int:
         """Bytes this snapshot keeps alive beyond the cache itself (an upper bound)."""
-        arrays = [a for part in (self.data or ()) if part is not None
-                  for a in (part if isinstance(part, tuple) else (part,))
-                  if isinstance(a, mx.array)]
-        return sum(a.nbytes for a in arrays)
+        def total(x: Any) -> int:
+            if isinstance(x, mx.array):
+                return x.nbytes
+            return sum(total(y) for y in x) if isinstance(x, (tuple, list)) else 0
+        return total(self.data)
 
 
 class KVCache:
