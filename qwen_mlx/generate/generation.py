@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import mlx.core as mx
 
 from ..errors import QwenMLXError
-from ..model.cache import KV_BITS, KVCache, restore_cache, snapshot_cache
+from ..model.cache import KV_BITS, KVCache, cache_arrays, restore_cache, snapshot_cache
 from ..text.thinking import ThinkingParser, thinking_enabled
 from ..text.tool_calls import FORMATS, ToolCall, ToolCallParser, detect_tool_format
 from ..text.tokenizer import check_fits_model
@@ -100,13 +100,8 @@ def _or_stopped(cancel, stopped: Callable[[], bool]) -> Callable[[], bool]:
     return lambda: stopped() or _cancelled(cancel)
 
 
-def _cache_arrays(cache: list) -> list:
-    return [a for c in cache for part in c.state() if part is not None
-            for a in (part if isinstance(part, tuple) else (part,))]
-
-
 def _eval_cache(cache: list) -> None:
-    mx.eval(_cache_arrays(cache))
+    mx.eval(cache_arrays(cache))
 
 
 def check_token_ids(ids: Sequence[Any], rows: int) -> list[int]:

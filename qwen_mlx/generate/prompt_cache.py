@@ -157,8 +157,7 @@ def save_prompt_cache(path: str | os.PathLike, cache: list,
 
     # A cache the caller filled on its own thread is evaluated there first: its arrays'
     # graph runs on that thread's stream, which the library's thread cannot use.
-    mx.eval([a for c in cache for part in c.state() if part is not None
-             for a in (part if isinstance(part, tuple) else (part,))])
+    mx.eval(cache_kinds.cache_arrays(cache))
     try:
         WORKER.run(write)
     except OSError as e:
@@ -220,8 +219,7 @@ def _load(path: Path) -> tuple[list, dict[str, str]]:
                     j += int(kind)
             c.set_state(*parts, int(info["offset"]))
             cache.append(c)
-        mx.eval([a for c in cache for part in c.state() if part is not None
-                 for a in (part if isinstance(part, tuple) else (part,))])
+        mx.eval(cache_kinds.cache_arrays(cache))
     except PromptCacheError:
         raise
     except Exception as e:  # a truncated or hand-edited file: mlx and json raise anything

@@ -366,6 +366,12 @@ def make_cache(windows: "tuple[int | None, ...]", *, kv_bits: int | None = None,
     return caches
 
 
+def cache_arrays(cache: list) -> list[mx.array]:
+    """Every array a model's cache holds (quantized triples flattened), e.g. to evaluate."""
+    return [a for c in cache for part in c.state() if part is not None
+            for a in (part if isinstance(part, tuple) else (part,))]
+
+
 def snapshot_cache(cache: list) -> list[CacheSnapshot]:
     """A snapshot of every layer's cache (cheap: see the module docstring)."""
     return [c.snapshot() for c in cache]
