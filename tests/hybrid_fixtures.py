@@ -386,6 +386,17 @@ def build_case(name: str, folder: Path, seed: int = 0) -> HybridCase:
     return HybridCase(name=name, folder=folder, hf=model, ids=ids, has_mtp=has_mtp)
 
 
+def build_case_with_tokenizer(name: str, folder: Path, chat_template: str | None = None,
+                              ) -> HybridCase:
+    """`build_case`, plus conftest's tiny tokenizer (inside the fixtures' vocabulary), so
+    generation, chat sessions and converters (mlx-lm's needs one) can run on it."""
+    from conftest import write_tiny_tokenizer
+
+    case = build_case(name, folder)
+    write_tiny_tokenizer(case.folder, vocab=VOCAB, chat_template=chat_template)
+    return case
+
+
 class CaseCache:
     """Builds each case at most once per session, under a tmp_path_factory folder."""
 

@@ -20,8 +20,7 @@ import pytest
 pytest.importorskip("torch")
 
 import qwen_mlx  # noqa: E402
-from conftest import write_tiny_tokenizer  # noqa: E402
-from hybrid_fixtures import VOCAB, build_case  # noqa: E402
+from hybrid_fixtures import build_case_with_tokenizer  # noqa: E402
 from qwen_mlx.generate.generation import ChatSession  # noqa: E402
 
 MESSAGES = ["the quick brown fox", "jumps over the lazy dog", "hello world, this is a test",
@@ -31,8 +30,8 @@ OVERHEAD = 12  # the template's markers around a new message and the generation 
 
 @pytest.fixture(scope="module")
 def hybrid(tmp_path_factory):
-    case = build_case("qwen3_5-nested-untied", tmp_path_factory.mktemp("chat") / "m")
-    write_tiny_tokenizer(case.folder, vocab=VOCAB, chat_template="qwen3_5")
+    case = build_case_with_tokenizer("qwen3_5-nested-untied",
+                                     tmp_path_factory.mktemp("chat") / "m", "qwen3_5")
     return qwen_mlx.load(case.folder, dtype="float32")
 
 

@@ -23,8 +23,7 @@ pytest.importorskip("torch")
 mlx_lm = pytest.importorskip("mlx_lm")
 
 import qwen_mlx  # noqa: E402
-from conftest import write_tiny_tokenizer  # noqa: E402
-from hybrid_fixtures import VOCAB, build_case  # noqa: E402
+from hybrid_fixtures import build_case_with_tokenizer  # noqa: E402
 from qwen_mlx.cli import main  # noqa: E402
 
 CASES = ["qwen3_5-nested-untied", "qwen3_5-flat", "qwen3_5_moe-fused", "qwen3_5_moe-per-expert",
@@ -38,8 +37,7 @@ class Lab:
 
     def case(self, name: str):
         if name not in self.cases:
-            case = build_case(name, self.root / name / "hf")
-            write_tiny_tokenizer(case.folder, vocab=VOCAB)
+            case = build_case_with_tokenizer(name, self.root / name / "hf")
             self.cases[name] = case
         return self.cases[name]
 

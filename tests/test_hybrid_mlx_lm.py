@@ -28,8 +28,7 @@ mlx_lm = pytest.importorskip("mlx_lm")
 from mlx_lm import convert as mlx_lm_convert  # noqa: E402
 
 import qwen_mlx  # noqa: E402
-from conftest import write_tiny_tokenizer  # noqa: E402
-from hybrid_fixtures import VOCAB, build_case, edit_config  # noqa: E402
+from hybrid_fixtures import build_case_with_tokenizer, edit_config  # noqa: E402
 
 CASES = ["qwen3_5-nested-untied", "qwen3_5_moe-fused", "qwen3_next-published", "qwen3_vl-tied"]
 KINDS = {"float32": dict(dtype="float32"),
@@ -47,8 +46,7 @@ class Folders:
 
     def case(self, name: str):
         if name not in self.cases:
-            case = build_case(name, self.root / name / "hf")
-            write_tiny_tokenizer(case.folder, vocab=VOCAB)
+            case = build_case_with_tokenizer(name, self.root / name / "hf")
             if name.startswith("qwen3_vl"):
                 edit_config(case.folder, _tie_inside_text_config)
             self.cases[name] = case
