@@ -329,6 +329,28 @@ class LinearCache:
         self.conv_state: mx.array | None = None
         self.recurrent_state: mx.array | None = None
         self.offset = 0
+        # Set by speculative decoding: a multi-token update then also keeps what `keep`
+        # needs, (conv state before it, its conv inputs, the state after each token).
+        self.keep_steps = False
+        self.steps: tuple[mx.array, mx.array, mx.array] | None = None
+
+    def keep(self, n: int) -> bool:
+        """Keep only the first `n` tokens of the last multi-token update (recorded with
+        `keep_steps`); False when there is no such record to go back in."""
+        if self.steps is None:
+            return False
+        prev, inputs, states = self.steps
+        T = inputs.shape[1]
+        if not 1 <= n <= T:
+            return False
+        if n < T:
+            K1 = prev.shape[1]
+            window = mx.concatenate([prev, inputs[:, :n]], axis=1)
+            self.conv_state = window[:, window.shape[1] - K1:]
+            self.recurrent_state = states[:, :, n - 1]
+            self.offset -= T - n
+        self.steps = None
+        return True
 
     def trim(self, n: int) -> bool:
         """The recurrence cannot be undone: only trimming nothing succeeds (use snapshots)."""
@@ -339,12 +361,14 @@ class LinearCache:
 
     def set_state(self, conv_state: Any, recurrent_state: Any, offset: int) -> None:
         self.conv_state, self.recurrent_state, self.offset = conv_state, recurrent_state, offset
+        self.steps = None
 
     def snapshot(self) -> CacheSnapshot:
         return CacheSnapshot(self.offset, (self.conv_state, self.recurrent_state))
 
     def restore(self, snap: CacheSnapshot) -> bool:
         (self.conv_state, self.recurrent_state), self.offset = snap.data, snap.offset
+        self.steps = None
         return True
 
     @property

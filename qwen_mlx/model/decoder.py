@@ -76,6 +76,17 @@ class MTP(nn.Module):
                        for _ in range(num_layers)]
         self.norm = RMSNorm(H, eps=config.rms_norm_eps)
 
+    def __call__(self, hidden: mx.array, embedded: mx.array, positions: Positions,
+                 cache: list | None = None) -> mx.array:
+        """The hidden states [B, L, H] that predict the tokens two ahead: `hidden` is the
+        trunk's final (normed) hidden state at positions p, `embedded` the embeddings of the
+        tokens at p + 1; the pair sits at position p, as vLLM places it."""
+        x = self.fc(mx.concatenate([self.pre_fc_norm_embedding(embedded),
+                                    self.pre_fc_norm_hidden(hidden)], axis=-1))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, cache[i] if cache else None)
+        return self.norm(x)
+
 
 class Model(nn.Module):
     """A Qwen causal LM: `model(tokens[B, L], cache) -> logits[B, L, V]`."""
@@ -101,6 +112,34 @@ class Model(nn.Module):
         return make_cache(self.config.sliding_windows, kv_bits=kv_bits, max_kv_size=max_kv_size,
                           kinds=self.config.layer_kinds)
 
+    def make_mtp_cache(self, *, kv_bits: int | None = None) -> list:
+        """One growing KV cache per MTP layer (an MTP layer attends over all positions)."""
+        if self.mtp is None:
+            return []
+        return make_cache((None,) * len(self.mtp.layers), kv_bits=kv_bits)
+
+    def positions(self, offset: int, length: int, prompt_length: int | None = None) -> Positions:
+        """What the layers of a forward over `length` tokens from `offset` share."""
+        freqs = self.rotary.freqs(offset, max(length, prompt_length or 0) if offset == 0 else length)
+        return Positions(offset, freqs, self.rotary.query_scale(offset, length), self.softmax_scale)
+
+    def head(self, h: mx.array) -> mx.array:
+        """The vocabulary projection of final (normed) hidden states."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def mtp_forward(self, hidden: mx.array, next_tokens: mx.array, cache: list,
+                    ) -> tuple[mx.array, mx.array]:
+        """(logits, hidden) of the MTP block (hybrid spec §5) for pairs of the trunk's
+        hidden states at positions p and the tokens at p + 1; its cache's offset is p."""
+        if self.mtp is None:
+            raise QwenMLXError("this model has no MTP block (mtp.* weights)")
+        offset = cache[0].offset if cache else 0
+        h = self.mtp(hidden, self.model.embed_tokens(next_tokens),
+                     self.positions(offset, next_tokens.shape[1]), cache)
+        return self.head(h), h
+
     def check_prompt(self, ids: Sequence[int]) -> None:
         """Refuse ids only the vision tower could give meaning to (it is not loaded)."""
         vision = set(self.config.vision_token_ids).intersection(ids)
@@ -111,7 +150,8 @@ class Model(nn.Module):
                 "cannot be given: send text")
 
     def __call__(self, inputs: mx.array, cache: list | None = None, *,
-                 prompt_length: int | None = None, last_only: bool = False) -> mx.array:
+                 prompt_length: int | None = None, last_only: bool = False,
+                 return_hidden: bool = False) -> "mx.array | tuple[mx.array, mx.array]":
         """Logits [B, L, V] for tokens [B, L], continuing from `cache` when given.
 
         `prompt_length`: the whole prompt's length when it is prefilled in
@@ -119,18 +159,16 @@ class Model(nn.Module):
         `last_only`: logits for the last position only ([B, 1, V]); generation
         needs no more, and the vocabulary projection dominates a prefill's cost
         on small models.
+        `return_hidden`: also return the final normed hidden states (what the MTP
+        block reads), as (logits, hidden).
         """
-        length = inputs.shape[1]
         offset = cache[0].offset if cache else 0
-        freqs = self.rotary.freqs(offset, max(length, prompt_length or 0) if offset == 0 else length)
-        positions = Positions(offset, freqs, self.rotary.query_scale(offset, length),
-                              self.softmax_scale)
+        positions = self.positions(offset, inputs.shape[1], prompt_length)
         h = self.model.embed_tokens(inputs)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, positions, cache[i] if cache else None)
         if last_only:
             h = h[:, -1:, :]
         h = self.model.norm(h)
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        logits = self.head(h)
+        return (logits, h) if return_hidden else logits

@@ -107,6 +107,17 @@ def recurrent_delta_rule(q, k, v, g, beta, state):
     return o[:, :, None], state
 
 
+def stepwise_delta_rule(q, k, v, g, beta, state):
+    """The recurrence token by token, also returning the state after every token
+    [B, H, T, Dk, Dv]: what a speculative verify needs to keep only a prefix."""
+    outs, states = [], []
+    for t in range(q.shape[2]):
+        o, state = recurrent_delta_rule(*(x[:, :, t:t + 1] for x in (q, k, v, g, beta)), state)
+        outs.append(o)
+        states.append(state)
+    return mx.concatenate(outs, axis=2), state, mx.stack(states, axis=2)
+
+
 def delta_rule(q, k, v, g, beta, state):
     """The recurrence for one token, the chunked form for more."""
     T = q.shape[2]
@@ -148,7 +159,7 @@ class GatedDeltaNet(nn.Module):
         z = self.in_proj_z(x).reshape(B, T, Hv, Dv)
         b, a = self.in_proj_b(x), self.in_proj_a(x)
 
-        conv = self._conv(mixed, cache)
+        conv, prev_conv = self._conv(mixed, cache)
         q = conv[..., :self.key_dim].reshape(B, T, Hk, Dk)
         k = conv[..., self.key_dim:2 * self.key_dim].reshape(B, T, Hk, Dk)
         v = conv[..., 2 * self.key_dim:].reshape(B, T, Hv, Dv)
@@ -165,21 +176,31 @@ class GatedDeltaNet(nn.Module):
         state = cache.recurrent_state if cache is not None and cache.recurrent_state is not None else \
             mx.zeros((B, Hv, Dk, Dv), dtype=mx.float32)
 
+        # A speculative verify keeps the state after each of its few tokens, so that
+        # rejected drafts are dropped without running the accepted ones again; the
+        # step-by-step recurrence is also what plain decoding computes.
+        stepwise = cache is not None and cache.keep_steps and T > 1
+        rule = stepwise_delta_rule if stepwise else delta_rule
+
         def run(s: slice):
-            return delta_rule(*(t[:, s] for t in heads), g[:, s], beta[:, s], state[:, s])
+            return rule(*(t[:, s] for t in heads), g[:, s], beta[:, s], state[:, s])
 
         # Value heads are independent: on the CPU each core takes a share of them.
         parts = parallel.split(Hv, T * Hv * Dk * Dv * 4, run, axis=1)
-        o, state = run(slice(0, Hv)) if parts is None else parts
+        out = run(slice(0, Hv)) if parts is None else parts
+        o, state = out[0], out[1]
         if cache is not None:
+            if stepwise:
+                cache.steps = (prev_conv, mixed, out[2])
             cache.recurrent_state = state
             cache.offset += T
         o = o.transpose(0, 2, 1, 3).astype(x.dtype)
         y = self.norm(o, z).reshape(B, T, -1)
         return self.out_proj(y)
 
-    def _conv(self, mixed: mx.array, cache) -> mx.array:
-        """Causal depthwise conv over time, then SiLU, in the conv weight's dtype."""
+    def _conv(self, mixed: mx.array, cache) -> tuple[mx.array, mx.array]:
+        """Causal depthwise conv over time, then SiLU, in the conv weight's dtype; also
+        the conv inputs that preceded `mixed`."""
         B, T, C = mixed.shape
         K = self.kernel
         w = self.conv1d["weight"]  # [C, K, 1]
@@ -193,4 +214,4 @@ class GatedDeltaNet(nn.Module):
         out = window[:, 0:T] * w[:, 0, 0]
         for j in range(1, K):
             out = out + window[:, j:j + T] * w[:, j, 0]
-        return nn.silu(out).astype(mixed.dtype)
+        return nn.silu(out).astype(mixed.dtype), prev
