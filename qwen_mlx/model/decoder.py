@@ -159,16 +159,17 @@ class Model(nn.Module):
         `last_only`: logits for the last position only ([B, 1, V]); generation
         needs no more, and the vocabulary projection dominates a prefill's cost
         on small models.
-        `return_hidden`: also return the final normed hidden states (what the MTP
-        block reads), as (logits, hidden).
+        `return_hidden`: also return the final normed hidden states of every
+        position (what the MTP block reads), as (logits, hidden).
         """
         offset = cache[0].offset if cache else 0
         positions = self.positions(offset, inputs.shape[1], prompt_length)
         h = self.model.embed_tokens(inputs)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, positions, cache[i] if cache else None)
+        if return_hidden:  # every position's hidden state, the logits as asked
+            h = self.model.norm(h)
+            return self.head(h[:, -1:, :] if last_only else h), h
         if last_only:
             h = h[:, -1:, :]
-        h = self.model.norm(h)
-        logits = self.head(h)
-        return (logits, h) if return_hidden else logits
+        return self.head(self.model.norm(h))
