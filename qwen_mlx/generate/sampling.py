@@ -166,29 +166,63 @@ class Sampler:
         return self._sample(logits)
 
     def observe(self, token: mx.array) -> None:
-        """Record a generated token for the penalties."""
+        """Record generated tokens (an array of one or more ids) for the penalties."""
         if self._penalize:
             self._seen[token] = True
-            self._counts[token] = self._counts[token] + 1
+            self._counts = self._counts.at[token].add(1.0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0
+
+    def process_rows(self, logits: mx.array, drafts: list[int]) -> mx.array:
+        """Logits [n, V] of n successive positions, penalized as if `drafts[:i]` had been
+        generated before row i (what sampling row i one token at a time would see), and cut
+        to the ids that may be sampled. For verifying n - 1 speculative drafts."""
+        logits = logits.astype(mx.float32)
+        if self._penalize:
+            n = logits.shape[0]
+            pairs = [(i, t) for i in range(n) for t in drafts[:i]]
+            counts = mx.broadcast_to(self._counts, logits.shape)
+            if pairs:
+                rows, ids = mx.array([r for r, _ in pairs]), mx.array([t for _, t in pairs])
+                counts = counts.at[rows, ids].add(1.0)
+            logits = self._penalties(logits, self._seen | (counts > 0), counts)
+        if self._allowed is not None:
+            logits = logits[..., :self._allowed]
+        return logits
+
+    def probabilities(self, processed: mx.array) -> mx.array:
+        """The distribution sampling draws from, for logits `process_rows` returned
+        (temperature > 0: after temperature, top-k, top-p and min-p)."""
+        return mx.softmax(self.filter(processed), axis=-1)
+
+    def next_key(self) -> mx.array | None:
+        """A fresh random key from the seed's stream, or None without a seed."""
+        if self._key is None:
+            return None
+        self._key, sub = mx.random.split(self._key)
+        return sub
 
     def _apply_penalties(self, logits: mx.array) -> mx.array:
+        return self._penalties(logits, self._seen, self._counts)
+
+    def _penalties(self, logits: mx.array, seen: mx.array, counts: mx.array) -> mx.array:
         p = self.params
         if p.repetition_penalty != 1.0:
             r = p.repetition_penalty
             penalized = mx.where(logits > 0, logits / r, logits * r)
-            logits = mx.where(self._seen, penalized, logits)
+            logits = mx.where(seen, penalized, logits)
         if p.presence_penalty:
-            logits = logits - p.presence_penalty * (self._counts > 0)
+            logits = logits - p.presence_penalty * (counts > 0)
         if p.frequency_penalty:
-            logits = logits - p.frequency_penalty * self._counts
+            logits = logits - p.frequency_penalty * counts
         return logits
 
     def _stochastic(self, logits: mx.array) -> mx.array:
         logits = self.filter(logits)
-        if self._key is not None:
-            self._key, sub = mx.random.split(self._key)
-            return mx.random.categorical(logits, key=sub)
-        return mx.random.categorical(logits)
+        key = self.next_key()
+        return mx.random.categorical(logits) if key is None else mx.random.categorical(logits, key=key)
 
     def filter(self, logits: mx.array) -> mx.array:
         """Temperature, then top-k, top-p and min-p masks (-inf), as transformers orders them.
