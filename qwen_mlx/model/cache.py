@@ -411,3 +411,169 @@ def restore_cache(cache: list, snapshots: list[CacheSnapshot]) -> bool:
         c.restore(s)
     return True
 
+
+
+# ------------------------------------------------------------------ batches
+#
+# Continuous batching (qwen-mlx serve) decodes many conversations in one forward. Each
+# joins with the single-row cache its own prefill filled and leaves with one again, so
+# everything above works on single rows and only the decode step sees a batch. A batch
+# cache's `offset` is an int32 array [B] of each row's position (RoPE takes it as is).
+
+
+class BatchKVCache:
+    """Keys and values of B rows [B, H, N, D], right-aligned: every row writes its next
+    token in the same column `idx`, and row i's positions fill columns [starts[i], idx),
+    so a row that joins shorter than the others is padded on the left, where the mask
+    hides it. Float storage only (a quantized single-row cache is not batched)."""
+
+    step = 256
+
+    def __init__(self, keys: mx.array, values: mx.array, starts: list[int], idx: int) -> None:
+        self.keys, self.values, self.starts, self.idx = keys, values, list(starts), idx
+
+    @classmethod
+    def from_cache(cls, cache: "KVCache", heads: int, head_dim: int,
+                   dtype: mx.Dtype) -> "BatchKVCache":
+        """One row holding a growing single-row cache's positions; an empty cache becomes
+        a row of zero width [1, heads, 0, head_dim]."""
+        if cache.bits is not None:
+            raise ValueError("a quantized KV cache cannot join a batch")
+        n = cache.offset
+        if cache.keys is None or n == 0:
+            empty = mx.zeros((1, heads, 0, head_dim), dtype)
+            return cls(empty, empty, [0], 0)
+        return cls(cache.keys[..., :n, :], cache.values[..., :n, :], [0], n)
+
+    @property
+    def offset(self) -> mx.array:
+        return mx.array([self.idx - s for s in self.starts], dtype=mx.int32)
+
+    @property
+    def size(self) -> int:
+        return len(self.starts)
+
+    def update(self, keys: mx.array, values: mx.array):
+        """Write one new position per row [B, H, 1, D]; all keys, values and the row mask."""
+        if keys.shape[2] != 1:
+            raise ValueError("a batch cache takes one token per row (prefill each row alone)")
+        if self.idx + 1 > self.keys.shape[2]:
+            B, H, _, D = keys.shape
+            zk = mx.zeros((B, H, self.step, D), keys.dtype)
+            zv = mx.zeros((B, H, self.step, values.shape[3]), values.dtype)
+            self.keys = mx.concatenate([self.keys[..., :self.idx, :], zk], axis=2)
+            self.values = mx.concatenate([self.values[..., :self.idx, :], zv], axis=2)
+        self.keys[..., self.idx:self.idx + 1, :] = keys
+        self.values[..., self.idx:self.idx + 1, :] = values
+        self.idx += 1
+        mask = None
+        if any(self.starts):
+            cols = mx.arange(self.idx)[None, :]
+            mask = (cols >= mx.array(self.starts)[:, None])[:, None, None, :]
+        return self.keys[..., :self.idx, :], self.values[..., :self.idx, :], mask
+
+    def _padded(self, idx: int) -> tuple[mx.array, mx.array]:
+        """keys and values [B, H, idx, D], shifted right so that this batch's `idx` is `idx`."""
+        pad = [(0, 0), (0, 0), (idx - self.idx, 0), (0, 0)]
+        k, v = self.keys[..., :self.idx, :], self.values[..., :self.idx, :]
+        return (mx.pad(k, pad), mx.pad(v, pad)) if idx > self.idx else (k, v)
+
+    def extend(self, other: "BatchKVCache") -> None:
+        """Append `other`'s rows, padding the shorter side on the left."""
+        idx = max(self.idx, other.idx)
+        (k1, v1), (k2, v2) = self._padded(idx), other._padded(idx)
+        self.starts = ([s + idx - self.idx for s in self.starts]
+                       + [s + idx - other.idx for s in other.starts])
+        self.keys = mx.concatenate([k1, k2], axis=0)
+        self.values = mx.concatenate([v1, v2], axis=0)
+        self.idx = idx
+
+    def filter(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order, at least one), dropping the columns no kept
+        row uses."""
+        self.starts = [self.starts[i] for i in rows]
+        index = mx.array(rows)
+        cut = min(self.starts)
+        self.keys = self.keys[index, :, cut:self.idx, :]
+        self.values = self.values[index, :, cut:self.idx, :]
+        self.starts = [s - cut for s in self.starts]
+        self.idx -= cut
+
+    def extract(self, row: int) -> "KVCache":
+        """A growing single-row cache holding row `row`'s positions (a copy)."""
+        out = KVCache()
+        s = self.starts[row]
+        if self.idx > s:
+            k = mx.contiguous(self.keys[row:row + 1, :, s:self.idx, :])
+            v = mx.contiguous(self.values[row:row + 1, :, s:self.idx, :])
+            out.set_state(k, v, self.idx - s)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def state(self) -> tuple[Any, Any]:
+        return self.keys, self.values
+
+
+class BatchLinearCache:
+    """The DeltaNet states of B rows, stacked ([B, K-1, C] and [B, Hv, Dk, Dv]). A decode
+    step updates every row by its own token, so rows need no alignment or mask."""
+
+    bits = None
+    keep_steps = False  # GatedDeltaNet reads these; a batch never verifies drafts
+    steps = None
+
+    def __init__(self, conv_state: mx.array, recurrent_state: mx.array,
+                 offset: mx.array) -> None:
+        self.conv_state, self.recurrent_state, self._offset = conv_state, recurrent_state, offset
+
+    @property
+    def offset(self) -> mx.array:
+        # A new array each time: GatedDeltaNet's `offset += T` updates an mx.array in
+        # place, and the forward's positions hold the array they were given.
+        return self._offset + 0
+
+    @offset.setter
+    def offset(self, value: mx.array) -> None:
+        self._offset = value
+
+    @classmethod
+    def from_cache(cls, cache: "LinearCache", conv_shape: tuple[int, ...],
+                   state_shape: tuple[int, ...], dtype: mx.Dtype) -> "BatchLinearCache":
+        """One row of a single-row cache; zero states (a row whose prefill ran no token)
+        take `conv_shape` [1, K-1, C] in `dtype` and `state_shape` [1, Hv, Dk, Dv]."""
+        conv = cache.conv_state if cache.conv_state is not None else mx.zeros(conv_shape, dtype)
+        state = (cache.recurrent_state if cache.recurrent_state is not None
+                 else mx.zeros(state_shape, mx.float32))
+        return cls(conv, state, mx.array([cache.offset], dtype=mx.int32))
+
+    @property
+    def size(self) -> int:
+        return self.conv_state.shape[0]
+
+    def extend(self, other: "BatchLinearCache") -> None:
+        self.conv_state = mx.concatenate([self.conv_state, other.conv_state], axis=0)
+        self.recurrent_state = mx.concatenate([self.recurrent_state, other.recurrent_state],
+                                              axis=0)
+        self._offset = mx.concatenate([self._offset, other._offset])
+
+    def filter(self, rows: list[int]) -> None:
+        index = mx.array(rows)
+        self.conv_state, self.recurrent_state = self.conv_state[index], self.recurrent_state[index]
+        self._offset = self._offset[index]
+
+    def extract(self, row: int) -> "LinearCache":
+        out = LinearCache()
+        out.set_state(mx.contiguous(self.conv_state[row:row + 1]),
+                      mx.contiguous(self.recurrent_state[row:row + 1]),
+                      int(self._offset[row].item()))
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv_state.nbytes + self.recurrent_state.nbytes
+
+    def state(self) -> tuple[Any, Any]:
+        return self.conv_state, self.recurrent_state

@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from ..errors import QwenMLXError
 from .attention import Attention, Positions
-from .cache import make_cache
+from .cache import BatchKVCache, BatchLinearCache, KVCache, LinearCache, make_cache
 from .config import ModelConfig
 from .deltanet import GatedDeltaNet
 from .moe import MLP, SparseMoE
@@ -118,10 +118,48 @@ class Model(nn.Module):
             return []
         return make_cache((None,) * len(self.mtp.layers), kv_bits=kv_bits)
 
-    def positions(self, offset: int, length: int, prompt_length: int | None = None) -> Positions:
-        """What the layers of a forward over `length` tokens from `offset` share."""
+    def positions(self, offset: "int | mx.array", length: int,
+                  prompt_length: int | None = None) -> Positions:
+        """What the layers of a forward over `length` tokens from `offset` share; an
+        int32 array [B] of offsets (a batch cache's) gives each row its own positions."""
+        if isinstance(offset, mx.array):
+            if not self.can_batch:
+                raise QwenMLXError("this model's RoPE depends on the sequence length "
+                                   "(dynamic NTK or LogN): its rows cannot decode in a batch")
+            return Positions(offset, self.rotary.freqs(0, 1), None, self.softmax_scale)
         freqs = self.rotary.freqs(offset, max(length, prompt_length or 0) if offset == 0 else length)
         return Positions(offset, freqs, self.rotary.query_scale(offset, length), self.softmax_scale)
+
+    @property
+    def can_batch(self) -> bool:
+        """Whether rows at different positions can decode in one forward: the RoPE keeps
+        no per-sequence state (not Qwen1's NTK/LogN, not HF dynamic) and no layer has a
+        sliding window."""
+        c = self.config
+        return (c.rope.rope_type != "dynamic" and self.rotary.ntk_seq_length is None
+                and self.rotary.logn_seq_length is None
+                and not any(w for w in c.sliding_windows))
+
+    def batch_cache(self, cache: list) -> list:
+        """A one-row batch cache (for `Model.__call__` on [B, 1] tokens) holding what the
+        single-row `cache` holds; batch caches join with `extend`, leave with `filter` and
+        give a row back as a single-row cache with `extract`."""
+        if not self.can_batch:
+            raise QwenMLXError("this model cannot decode rows in a batch (see can_batch)")
+        c = self.config
+        dtype = self.model.norm.weight.dtype
+        out = []
+        for layer in cache:
+            if isinstance(layer, LinearCache):
+                lc = c.linear
+                out.append(BatchLinearCache.from_cache(
+                    layer, (1, lc.conv_kernel - 1, lc.conv_dim),
+                    (1, lc.num_value_heads, lc.key_head_dim, lc.value_head_dim), dtype))
+            elif isinstance(layer, KVCache):
+                out.append(BatchKVCache.from_cache(layer, c.num_kv_heads, c.head_dim, dtype))
+            else:
+                raise QwenMLXError(f"a {type(layer).__name__} cannot join a batch")
+        return out
 
     def head(self, h: mx.array) -> mx.array:
         """The vocabulary projection of final (normed) hidden states."""
