@@ -31,6 +31,8 @@ from ..text.thinking import ThinkingParser, thinking_enabled
 from ..text.tool_calls import FORMATS, ToolCall, ToolCallParser, detect_tool_format
 from ..text.tokenizer import check_fits_model
 from .sampling import Sampler, generation_config_defaults, resolve_sampling
+from .speculative import (DEFAULT_DRAFT_TOKENS, ModelDrafter, SpeculativeStats, check_num_draft,
+                          make_drafter, speculative_tokens)
 from .worker import WORKER
 
 # MLX streams belong to one thread: this one exists in whichever thread generates.
@@ -59,6 +61,14 @@ class GenerationResponse:
     # Why a tool call's text came out as text at this step (a malformed call), or what
     # was odd about a call in `tool_calls`.
     warnings: list[str] = field(default_factory=list)
+    # Speculative decoding, so far in this reply: drafts proposed, and drafts accepted.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts over proposed ones (0 without speculation)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
 class StopMatcher:
@@ -172,17 +182,22 @@ def _sampling_origin(tokenizer) -> str:
 
 
 def prefill(model, tokens: Sequence[int], cache: list, *, step: int = 512,
-            prompt_length: int | None = None, cancel=None) -> bool:
+            prompt_length: int | None = None, cancel=None,
+            observer: Callable[[list[int], mx.array], None] | None = None) -> bool:
     """Run `tokens` into the cache in chunks of `step`, producing no logits.
 
-    Returns False when `cancel` stopped it between chunks."""
+    `observer(chunk, hidden)` sees each chunk with its final hidden states (a speculative
+    drafter following the target). Returns False when `cancel` stopped it between chunks."""
     total = prompt_length or len(tokens)
     with mx.stream(_STREAM):
         for i in range(0, len(tokens), step):
             if _cancelled(cancel):
                 return False
-            model(mx.array(tokens[i:i + step])[None], cache=cache, prompt_length=total,
-                  last_only=True)
+            chunk = list(tokens[i:i + step])
+            out = model(mx.array(chunk)[None], cache=cache, prompt_length=total,
+                        last_only=True, return_hidden=observer is not None)
+            if observer is not None:
+                observer(chunk, out[1])
             _eval_cache(cache)
     return True
 
@@ -243,7 +258,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
                     cancel: threading.Event | Callable[[], bool] | None = None,
                     tokens_out: list[int] | None = None,
                     tools: Sequence[Mapping[str, Any]] | None = None,
-                    tool_format: str | None = "auto",
+                    tool_format: str | None = "auto", draft_model: Any = None,
+                    num_draft_tokens: int | None = None, speculative: str | None = None,
                     ) -> Iterator[GenerationResponse]:
     """Stream a reply to `prompt`: raw text, token ids, or chat messages.
 
@@ -255,7 +271,10 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
     sampled id, the final eos included. Tool calls in the answer come out in the
     responses' `tool_calls`, parsed in `tool_format` (see `tool_call_format`; None
     leaves them as text); with a text or id prompt, `tools` only type the parsed calls.
-    The work runs on the library's MLX thread (see `worker`).
+    Speculative decoding: `draft_model` (a folder, hub id or `load`'s (model, tokenizer)
+    pair, same tokenizer) or `speculative="mtp"` (the checkpoint's own MTP block) drafts
+    `num_draft_tokens` per step; greedy output is unchanged, sampled output keeps its
+    distribution (see `speculative`). The work runs on the library's MLX thread (see `worker`).
     """
     if prompt_cache is not None:
         # Arrays made lazily on this thread cannot be evaluated on the MLX thread.
@@ -278,6 +297,17 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
             ids = list(prompt)
         cache = prompt_cache if prompt_cache is not None else model.make_cache(
             kv_bits=kv_bits, max_kv_size=max_kv_size)
+        drafter = make_drafter(model, tokenizer, draft_model=draft_model,
+                               speculative=speculative, kv_bits=kv_bits,
+                               max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
+        num_draft = _num_draft(drafter, num_draft_tokens)
+        held = cache[0].offset
+        if drafter is not None and held:
+            if isinstance(drafter, ModelDrafter):
+                raise QwenMLXError(
+                    "a draft model cannot follow a prompt_cache that already holds tokens "
+                    "(it does not say which): use ChatSession, which keeps both caches in step")
+            drafter.sync([0] * held)
         thinking = (thinking_enabled(messages, enable_thinking,
                                      soft_switch=_soft_switch(tokenizer, tools))
                     if messages is not None
@@ -285,7 +315,8 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
         return _stream(model, tokenizer, ids, cache, context=ids, thinking=thinking,
                        max_tokens=max_tokens, stop=stop, prefill_step_size=prefill_step_size,
                        cancel=_or_stopped(cancel, stopped), sampling=sampling,
-                       tokens_out=tokens_out, tool_parser=tool_parser)
+                       tokens_out=tokens_out, tool_parser=tool_parser, drafter=drafter,
+                       num_draft=num_draft)
 
     yield from WORKER.iterate(run)
 
@@ -294,6 +325,16 @@ def generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], **optio
     """The reply's answer as text; `stream_generate` also gives the reasoning."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, **options)
                    if r.phase == "answer")
+
+
+def _num_draft(drafter, requested: Any) -> int:
+    """Drafts per step: as asked, else the drafter kind's default."""
+    if drafter is None:
+        if requested is not None:
+            check_num_draft(requested)
+        return 0
+    return check_num_draft(DEFAULT_DRAFT_TOKENS[drafter.kind] if requested is None
+                           else requested)
 
 
 def _opens_thinking(tokenizer, ids: Sequence[int]) -> bool:
@@ -306,11 +347,12 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             thinking: bool, max_tokens: int, stop: Sequence[str], prefill_step_size: int,
             cancel, sampling: dict, tokens_out: list[int] | None = None,
             mark: int | None = None, on_mark: Callable[[], None] | None = None,
-            tool_parser: ToolCallParser | None = None,
+            tool_parser: ToolCallParser | None = None, drafter=None, num_draft: int = 0,
             ) -> Iterator[GenerationResponse]:
     """Generate after `new_ids`; `context` is the whole prompt the cache will then hold.
     Every sampled id, the final eos included, is appended to `tokens_out`. The answer
-    goes through `tool_parser` (reasoning does not: a call it mentions is text)."""
+    goes through `tool_parser` (reasoning does not: a call it mentions is text). A
+    `drafter` (in step with the cache) drafts `num_draft` tokens per step."""
     started = time.perf_counter()
     rows = model.config.vocab_size
     check_fits_model(tokenizer, rows, getattr(tokenizer, "origin", None))
@@ -361,13 +403,23 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             generation_tps=(n - 1) / (now - first) if first and n > 1 and now > first else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, cached_tokens=cached,
             ttft=prefill_time, context_tokens=cache[0].offset, tool_calls=list(calls),
-            warnings=list(warnings))
+            warnings=list(warnings), draft_tokens=spec.draft_tokens,
+            accepted_tokens=spec.accepted_tokens)
 
     finish = "length"
-    for token in generate_tokens(model, list(new_ids), cache, sampler, max_tokens=max_tokens,
+    spec = SpeculativeStats()
+    if drafter is not None:
+        tokens = speculative_tokens(model, list(new_ids), cache, sampler, drafter,
+                                    num_draft=num_draft, max_tokens=max_tokens,
+                                    prefill_step_size=prefill_step_size,
+                                    prompt_length=len(context), cancel=cancel, mark=mark,
+                                    on_mark=on_mark, stats=spec, stream=_STREAM)
+    else:
+        tokens = generate_tokens(model, list(new_ids), cache, sampler, max_tokens=max_tokens,
                                  prefill_step_size=prefill_step_size,
                                  prompt_length=len(context), cancel=cancel, mark=mark,
-                                 on_mark=on_mark):
+                                 on_mark=on_mark)
+    for token in tokens:
         if first is None:
             first = time.perf_counter()
         n += 1
@@ -393,6 +445,7 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
             finish = "cancelled"  # during the prefill
         elif limit and cache[0].offset + 1 >= limit:
             finish = "context"
+    tokens.close()  # a speculative step rolls back the drafts it did not hand out
     # The caller's thread may read or reuse the cache next: leave nothing in flight.
     _eval_cache(cache)
     tail = stops.flush() if finish != "stop" else ""
@@ -463,14 +516,23 @@ class ChatSession:
     With `tools`, a reply's tool calls (parsed in `tool_format`, see `tool_call_format`)
     are stored on its message as ``tool_calls`` (OpenAI's shape) and come out in the
     responses' `tool_calls`; `send_tool_results` answers them.
+
+    `draft_model`, `num_draft_tokens` and `speculative` are stream_generate's: speculative
+    decoding for every turn, the drafter's cache kept in step with the session's.
     """
 
     def __init__(self, model, tokenizer, *, system: str | None = None,
                  enable_thinking: bool | None = None, tools: list | None = None,
                  kv_bits: int | None = None, max_kv_size: int | None = None,
                  prefill_step_size: int = 512, messages: list[dict] | None = None,
-                 tool_format: str | None = "auto"):
+                 tool_format: str | None = "auto", draft_model: Any = None,
+                 num_draft_tokens: int | None = None, speculative: str | None = None):
         check_cache_options(model, kv_bits, max_kv_size)
+        # A draft model's cache follows this one's ids across turns (see _reuse).
+        self.drafter = make_drafter(model, tokenizer, draft_model=draft_model,
+                                    speculative=speculative, kv_bits=kv_bits,
+                                    max_kv_size=max_kv_size, prefill_step_size=prefill_step_size)
+        self.num_draft_tokens = _num_draft(self.drafter, num_draft_tokens)
         tool_call_format(tokenizer, tools, tool_format)  # a bad format shows now
         self.tool_format = tool_format
         # A bad generation_config.json shows now, not at the first message.
@@ -520,6 +582,8 @@ class ChatSession:
                     held = 0
                 common = held
         self.cached = list(ids[:common])
+        if self.drafter is not None:
+            self.drafter.sync(self.cached)
         return list(ids[common:])
 
     def _restore_snapshot(self, ids: list[int], common: int) -> int | None:
@@ -561,6 +625,8 @@ class ChatSession:
         clear_cache(self.cache)
         self.cached = []
         self._snapshots = []
+        if self.drafter is not None:
+            self.drafter.reset()
 
     def send(self, text: str, **options) -> Iterator[GenerationResponse]:
         """Add a user message and stream the reply."""
@@ -657,7 +723,8 @@ class ChatSession:
                              thinking=thinking, max_tokens=max_tokens, stop=stop,
                              prefill_step_size=self.prefill_step_size, cancel=cancel,
                              sampling=sampling, tokens_out=generated, mark=mark,
-                             on_mark=on_mark, tool_parser=tool_parser):
+                             on_mark=on_mark, tool_parser=tool_parser, drafter=self.drafter,
+                             num_draft=self.num_draft_tokens):
                 (thinking_parts if r.phase == "thinking" else answer_parts).append(r.text)
                 calls.extend(r.tool_calls)
                 yield r
@@ -703,8 +770,9 @@ class ChatSession:
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         canonical = a[:n]
         new = self._reuse(canonical, keep_one=False)
+        observer = self.drafter.observe if self.drafter is not None else None
         try:
-            prefill(self.model, new, self.cache, step=self.prefill_step_size)
+            prefill(self.model, new, self.cache, step=self.prefill_step_size, observer=observer)
         finally:
             self.cached = canonical[: self.cache[0].offset]
 
