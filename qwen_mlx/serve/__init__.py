@@ -1,0 +1,1 @@
+"""`qwen-mlx serve`: an OpenAI-compatible server with continuous batching (see app, batching)."""
