@@ -339,6 +339,9 @@ class Scheduler:
             self.lru.insert(job.ids[:job.pos], copy_prefix(job.cache, job.pos))
         if job.pos == head:
             job.next_input = job.ids[-1]
+            if job.snapshot_at is not None and ran and head > job.snapshot_at:
+                # The same prompt again (a regenerate) needs the state before its last token.
+                self.lru.insert(job.ids[:head], copy_prefix(job.cache, head))
         return max(ran, 1)
 
     def _join(self, job: Job) -> None:
