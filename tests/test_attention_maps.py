@@ -96,3 +96,73 @@ def test_png_and_selection(tmp_path):
         attention_maps(model, tok, ids, layers=[7])
     # Capturing changed nothing the ordinary forward reads.
     np.testing.assert_array_equal(np.array(model(mx.array(case.ids[:, :20]))), before)
+
+
+def _cli(argv: list[str]) -> int:
+    import argparse
+
+    from qwen_mlx.quality import cli
+
+    parser = argparse.ArgumentParser(prog="qwen-mlx")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    return cli.run(parser.parse_args(argv))
+
+
+def test_cli_writes_pngs(tmp_path, capsys):
+    case = build_case("qwen3_5-flat", tmp_path / "q35")
+    write_tiny_tokenizer(case.folder, vocab=272, chat_template="qwen3")
+    assert _cli(["attention", str(case.folder), "hello world", "-o",
+                 str(tmp_path / "a.png")]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "a.png") and "effective attention" in err
+    assert _cli(["attention", str(case.folder), "hello", "--raw", "--per-layer", "--head", "0",
+                 "-o", str(tmp_path / "m.png")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("m-layer*.png")) == [
+        f"m-layer{i}.png" for i in range(4)]
+    with pytest.raises(QwenMLXError, match="give an index or 'mean'"):
+        _cli(["attention", str(case.folder), "hi", "--layer", "first"])
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_chat_key_saves_the_last_replys_prompt_map(tmp_path):
+    import json
+    import time
+
+    from tui.app import ChatApp
+
+    folder = tmp_path / "Qwen3-tiny"
+    folder.mkdir()
+    build_checkpoint(folder, "qwen3", vocab_size=320, num_hidden_layers=2, head_dim=32)
+    write_tiny_tokenizer(folder, vocab=320, chat_template="qwen3")
+    model, tok = load(folder)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "settings.json").write_text(json.dumps({"temperature": 0.0, "max_tokens": 4}))
+    app = ChatApp(folder, data_dir=data, preloaded=(model, tok), flush_interval=0.01)
+
+    async def wait_for(condition, what):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await pilot.pause(0.02)
+
+    def said(text):
+        return any(text in str(n.message) for n in app._notifications)
+
+    async with app.run_test(size=(100, 30)) as pilot:
+        chat = app.chat
+        await wait_for(lambda: chat.session is not None, "the model")
+        await pilot.press("f4")
+        await wait_for(lambda: said("There is no reply yet"), "the warning")
+        chat.prompt.set_text("hello world")
+        await pilot.press("enter")
+        await wait_for(lambda: chat.turn == 1 and not chat.busy, "the reply")
+        await pilot.press("f4")
+        path = app.store.path(chat.record.id).with_suffix(".attention.png")
+        await wait_for(lambda: said(f"Saved to {path}"), "the saved map")
+        assert path.read_bytes()[:4] == b"\x89PNG"

@@ -106,3 +106,27 @@ def test_file_and_errors(pair, tmp_path):
         windows(30, 10, 10)
     with pytest.raises(QwenMLXError, match="cannot be read"):
         perplexity_file(folder, tmp_path / "missing.txt", progress=False)
+
+
+def test_cli(pair, tmp_path, capsys):
+    import argparse
+    import json
+
+    from qwen_mlx.quality import cli
+
+    (_, folder), (_, ref_folder) = pair
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    parser = argparse.ArgumentParser(prog="qwen-mlx")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["perplexity", str(folder), "--file", str(text), "--context", "20",
+                              "--reference", str(ref_folder), "--json"])
+    assert cli.run(args) == 0
+    got = json.loads(capsys.readouterr().out)
+    model, tok = load(folder)
+    reference, _ = load(ref_folder)
+    direct = perplexity(model, tok.encode(TEXT), context=20, reference=reference,
+                        progress=False)
+    assert got["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
+    assert got["kl"] == pytest.approx(direct.kl, rel=1e-6)
+    assert got["interval"][0] < got["perplexity"] < got["interval"][1]

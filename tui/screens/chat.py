@@ -9,6 +9,7 @@ only from the `TurnDone` it posts, so the two threads never share a list.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from textual import work
@@ -19,8 +20,10 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Label, LoadingIndicator, TextArea
 
+from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.text.thinking import thinking_enabled
 
+from ..attention import last_reply_prompt, save_attention_map
 from ..context import WARN_AT, history_length, kv_cache_bytes, limit_label, reasoning_not_resent
 from ..stats import TurnStats
 from ..store import ChatRecord
@@ -95,6 +98,9 @@ class ChatScreen(Screen):
                 tooltip="export this chat to Markdown, next to the saved chats"),
         Binding("ctrl+b", "copy_code", "Copy code", show=False,
                 tooltip="copy the last code block of the replies"),
+        Binding("f4", "attention_map", "Attention", show=False,
+                tooltip="save the attention map of the last reply's prompt (PNG) and show "
+                        "its path"),
     ]
     # Actions that change the conversation wait until the reply is over (each says so).
     IDLE_ONLY = {"regenerate", "edit_last", "toggle_thinking", "new_chat", "open_chats",
@@ -665,6 +671,34 @@ class ChatScreen(Screen):
                     self.notify("Copied the last code block.")
                     return
         self.notify("No code block in the replies yet.", severity="warning")
+
+    def action_attention_map(self) -> None:
+        if self._wait_for_reply():
+            return
+        if self.session is None:
+            self._say_no_model()
+            return
+        prompt = last_reply_prompt(self.record.messages)
+        if prompt is None:
+            self.notify("There is no reply yet: the map shows the prompt of the last reply.",
+                        severity="warning")
+            return
+        path = self.app.store.path(self.record.id).with_suffix(".attention.png")
+        self.notify("Drawing the attention map…")
+        self._attention_worker(prompt, self.record.enable_thinking, path)
+
+    @work(thread=True, exclusive=True, group="attention", exit_on_error=False)
+    def _attention_worker(self, messages: list[dict], enable_thinking: bool | None,
+                          path: Path) -> None:
+        app = self.app
+        try:
+            saved = app.mlx.run(save_attention_map, app.model, app.tokenizer, messages,
+                                enable_thinking, path)
+        except QwenMLXError as e:
+            app.call_from_thread(self.notify, str(e), severity="error", markup=False)
+            return
+        app.call_from_thread(self.notify, f"Saved to {saved}", title="Attention map",
+                             markup=False)
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen(self.app.help_sections()))
