@@ -101,5 +101,8 @@ def run(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.drain_timeout)
     print(f"qwen-mlx: serving {', '.join(server.names)} at http://{args.host}:{args.port}/v1",
           file=sys.stderr)
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl+C it drained for: the shutdown was clean
     return 0
