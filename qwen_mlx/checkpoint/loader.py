@@ -14,7 +14,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,7 +34,8 @@ _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 def load(path: str | Path, *, dtype: str | mx.Dtype | None = None,
          rope_scaling: str | Mapping[str, Any] | None = None, rope_factor: float = 4.0,
-         max_context: int | None = None) -> tuple[Model, Any]:
+         max_context: int | None = None,
+         shard: Callable[[Model], Any] | None = None) -> tuple[Model, Any]:
     """Load a Qwen model folder (Hugging Face or mlx-lm layout).
 
     Args:
@@ -47,6 +48,12 @@ def load(path: str | Path, *, dtype: str | mx.Dtype | None = None,
             "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}.
         max_context: the most positions a conversation may use; default: the
             config's max_position_embeddings, times the factor under YaRN.
+        shard: one rank's share of a distributed run: called with the model as built
+            (quantized as the checkpoint is, before any weight is read), it reshapes
+            the model in place and returns a plan whose `take(name, tensor)` gives the
+            part of each checkpoint tensor this rank keeps, or None (see
+            `qwen_mlx.distributed.plan`). Tensors are then read one at a time, so the
+            rank holds its share and at most one whole tensor beyond it.
 
     Returns:
         (model, tokenizer): the tokenizer is a `QwenTokenizer`, or None when
@@ -61,8 +68,9 @@ def load(path: str | Path, *, dtype: str | mx.Dtype | None = None,
         rope_scaling = _named_rope_scaling(rope_scaling, rope_factor)
     config = ModelConfig.from_file(folder / "config.json", rope_scaling=rope_scaling)
     weights, origin = read_safetensors(folder)
-    model = build_model(config, weights, origin)
-    set_compute_dtype(model, resolve_dtype(dtype, config, weights))
+    compute_dtype = resolve_dtype(dtype, config, weights)
+    model = build_model(config, weights, origin, shard=shard)
+    set_compute_dtype(model, compute_dtype)
     mx.eval(model.parameters())
     if max_context is not None:
         model.max_context = max_context
@@ -87,11 +95,20 @@ def _named_rope_scaling(kind: str, factor: float) -> dict:
 
 
 def build_model(config: ModelConfig, weights: dict[str, mx.array],
-                origin: dict[str, str] | None = None) -> Model:
-    """Build the model for `config` and load checkpoint tensors into it."""
+                origin: dict[str, str] | None = None, *,
+                shard: Callable[[Model], Any] | None = None) -> Model:
+    """Build the model for `config` and load checkpoint tensors into it.
+
+    With `shard` (see `load`), `weights` is consumed: emptied, so that a tensor this
+    rank does not keep is freed once its share is taken."""
     origin = origin or {}
-    weights = sanitize(weights, config)
+    mapped = sanitize(weights, config)
+    if shard is not None:
+        weights.clear()
+    weights = mapped
     _check_counts(config, weights)  # before building anything of the config's size
+    if shard is not None:
+        return _build_share(config, weights, origin, shard)
     model = _build(config, weights, _mtp_layers(weights))
     if model.mtp is not None:
         try:
@@ -104,6 +121,29 @@ def build_model(config: ModelConfig, weights: dict[str, mx.array],
             model = _build(config, weights, 0)
     _check_weights(model, weights, origin, config)
     model.load_weights(list(weights.items()), strict=True)
+    return model
+
+
+def _build_share(config: ModelConfig, weights: dict, origin: dict,
+                 shard: Callable[[Model], Any]) -> Model:
+    """One rank's share: the whole model's shapes checked, then only its part read."""
+    # The MTP head serves speculative decoding, which a distributed run does not do.
+    weights = {k: v for k, v in weights.items() if not k.startswith("mtp.")}
+    model = _build(config, weights, 0)
+    _check_weights(model, weights, origin, config, finite=False)
+    plan = shard(model)
+    kept = {}
+    for name in list(weights):
+        w = weights.pop(name)
+        part = plan.take(name, w)
+        if part is not None:
+            # A slice shares its tensor's buffer: copy it, so the tensor can go.
+            part = part if part is w else part * 1
+            mx.eval(part)
+            kept[name] = part
+        del w
+    _check_weights(model, kept, origin, config)
+    model.load_weights(list(kept.items()), strict=True)
     return model
 
 
@@ -218,7 +258,8 @@ def _quantize_like_checkpoint(model: Model, config: ModelConfig, weights: dict) 
                 mode=q.get("mode", "affine"), class_predicate=predicate)
 
 
-def _check_weights(model: Model, weights: dict, origin: dict, config: ModelConfig) -> None:
+def _check_weights(model: Model, weights: dict, origin: dict, config: ModelConfig, *,
+                   finite: bool = True) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -239,7 +280,7 @@ def _check_weights(model: Model, weights: dict, origin: dict, config: ModelConfi
                 f"'{name}' in {where} has dtype {str(w.dtype).rpartition('.')[2]}, but model "
                 "weights are floating point: the checkpoint is corrupt or was not saved as a "
                 "float model; export it again")
-        if mx.issubdtype(w.dtype, mx.floating):
+        if finite and mx.issubdtype(w.dtype, mx.floating):
             # NaN or inf in a weight only shows later, as garbage text.
             check_finite(w, f"'{name}' in {where}")
         if tuple(weights[name].shape) != tuple(param.shape):
