@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai")
 import qwen_mlx  # noqa: E402
 from conftest import build_checkpoint, write_tiny_tokenizer  # noqa: E402
 from qwen_mlx.serve import app as app_module  # noqa: E402
-from qwen_mlx.serve.schema import RequestError, parse_chat  # noqa: E402
+from qwen_mlx.serve.schema import parse_chat  # noqa: E402
 from serve_fixtures import DEADLINE, Running, wait_for  # noqa: E402
 
 KEY = "sk-test-0123456789"

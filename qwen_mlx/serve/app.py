@@ -13,7 +13,6 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -207,7 +206,7 @@ class Server:
         try:
             params = resolve_sampling(family=model.config.family, thinking=thinking,
                                       generation_config=self.sampling_defaults,
-                                      **req.sampling.options())
+                                      **req.sampling)
         except QwenMLXError as e:
             field = str(e).split(" ")[0]
             raise RequestError(str(e), field) from None

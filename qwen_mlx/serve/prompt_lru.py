@@ -39,11 +39,13 @@ def copy_prefix(cache: list, n: int) -> list:
             if n and c.keys is not None:
                 new.set_state(c.keys[..., :n, :], c.values[..., :n, :], n)
         elif isinstance(c, LinearCache):
-            assert n == c.offset, "a DeltaNet state cannot be cut"
+            if n != c.offset:
+                raise ValueError("a DeltaNet state cannot be cut")
             new = LinearCache()
             new.set_state(c.conv_state, c.recurrent_state, c.offset)
         elif isinstance(c, RotatingKVCache):
-            assert n == c.offset, "a rotating cache is reused whole"
+            if n != c.offset:
+                raise ValueError("a rotating cache is reused whole")
             new = RotatingKVCache(c.window)
             k, v = c.state()
             new.set_state(k, v, c.offset)

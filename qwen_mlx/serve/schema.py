@@ -114,23 +114,6 @@ def _str(value: Any, param: str, *, empty: bool = True) -> str:
 
 
 @dataclass
-class Sampling:
-    """The sampling fields of a request (None: the model's defaults)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-
-    def options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-@dataclass
 class GenerationRequest:
     """What both endpoints ask for, validated."""
 
@@ -138,7 +121,7 @@ class GenerationRequest:
     max_tokens: int | None
     stream: bool
     include_usage: bool
-    sampling: Sampling
+    sampling: dict[str, Any]  # stream_generate's sampling keywords that the request gives
     stop: list[str]
     logprobs: bool
     top_logprobs: int
@@ -199,7 +182,7 @@ def _common(body: Mapping, served: list[str], max_tokens_limit: int) -> dict[str
             raise RequestError(f"stop[{i}] is {len(s)} characters; at most {MAX_STOP_CHARS}",
                                f"stop[{i}]")
     top_k = _int(body, "top_k", -1)
-    sampling = Sampling(
+    values = dict(
         temperature=_num(body, "temperature", 0, 2),
         top_p=_num(body, "top_p", 0, 1, low_open=True),
         top_k=0 if top_k == -1 else top_k,  # vLLM's -1 means off, as our 0
@@ -208,6 +191,7 @@ def _common(body: Mapping, served: list[str], max_tokens_limit: int) -> dict[str
         presence_penalty=_num(body, "presence_penalty", -2, 2),
         frequency_penalty=_num(body, "frequency_penalty", -2, 2),
         seed=_int(body, "seed", 0, MAX_SEED))
+    sampling = {k: v for k, v in values.items() if v is not None}
     return dict(model=check_model(body, served), max_tokens=max_tokens or legacy,
                 stream=stream, include_usage=include_usage, sampling=sampling, stop=stops)
 
