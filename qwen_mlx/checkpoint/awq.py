@@ -262,31 +262,27 @@ def _v_o_group(attn, p: str, o_in: mx.array, lin, changed: set[str]) -> _Group:
         # o column h·D + d reads v channel (h // group)·D + d.
         return mx.repeat(s_v.reshape(attn.num_kv_heads, 1, D), group, axis=1).reshape(-1)
 
-    def fold(s_v: mx.array) -> None:
-        v = attn.v_proj
-        v.weight = v["weight"] / s_v[:, None]
-        if "bias" in v:
-            v.bias = v["bias"] / s_v
-        changed.add(f"{p}.v_proj")
-
     # The per-v-channel statistic: the mean over the query heads that read the channel.
     stat = mx.abs(o_in).reshape(-1, attn.num_kv_heads, group, D).mean(axis=(0, 2)).reshape(-1)
     return _Group(f"{p}.o_proj", o_in, [lin(f"{p}.o_proj", attn.o_proj)],
-                  lambda t: attn.o_proj(t), fold, expand=expand, stat=stat)
+                  lambda t: attn.o_proj(t), _rows_fold(attn.v_proj, f"{p}.v_proj", changed),
+                  expand=expand, stat=stat)
 
 
 def _up_down_group(mlp: MLP, p: str, x: mx.array, lin, changed: set[str]) -> _Group:
     d_in = nn.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
-
-    def fold(s: mx.array) -> None:
-        up = mlp.up_proj
-        up.weight = up["weight"] / s[:, None]
-        if "bias" in up:
-            up.bias = up["bias"] / s
-        changed.add(f"{p}.up_proj")
-
     return _Group(f"{p}.down_proj", d_in, [lin(f"{p}.down_proj", mlp.down_proj)],
-                  lambda t: mlp.down_proj(t), fold)
+                  lambda t: mlp.down_proj(t), _rows_fold(mlp.up_proj, f"{p}.up_proj", changed))
+
+
+def _rows_fold(linear, path: str, changed: set[str]) -> Callable[[mx.array], None]:
+    """Divides the output rows (and bias) of the linear that produces a group's input."""
+    def fold(s: mx.array) -> None:
+        linear.weight = linear["weight"] / s[:, None]
+        if "bias" in linear:
+            linear.bias = linear["bias"] / s
+        changed.add(path)
+    return fold
 
 
 def _search_group(group: _Group, grid: int, result: AWQResult, changed: set[str]) -> None:

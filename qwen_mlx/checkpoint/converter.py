@@ -107,6 +107,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
             bits: int = 4, group_size: int = 64, dtype: str | None = None,
             recipe: str | None = None, revision: str | None = None, force: bool = False,
             dequantize: bool = False, check: bool = False, mtp: bool = True,
+            awq: bool = False, calibration: str | Path | None = None, awq_clip: bool = False,
             max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
             log: Callable[[str], None] = print) -> ConvertResult:
     """Convert a Qwen checkpoint into an MLX folder, optionally quantized.
@@ -125,6 +126,11 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
         check: report KL divergence and top-1 agreement against the source.
         mtp: keep a hybrid's multi-token-prediction head (`mtp.*`, written to
             mtp.safetensors, which mlx-lm does not read); False drops it.
+        awq: activation-aware scales searched on a calibration text and folded into
+            the norms and projections before quantizing (see `awq.py`); implies
+            `quantize`. It holds the float32 model in memory while searching.
+        calibration: the calibration text file for `awq`; default: the built-in one.
+        awq_clip: with `awq`, also search a clipping range per weight group.
     """
     started = time.perf_counter()
     if recipe is not None:
@@ -132,6 +138,11 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
             raise QwenMLXError(f"unknown recipe '{recipe}'; choose one of: {', '.join(RECIPES)}")
         quantize = True
     rec = RECIPES[recipe or "uniform"]
+    if (calibration is not None or awq_clip) and not awq:
+        raise QwenMLXError("--calibration and --awq-clip only apply with --awq")
+    if awq and dequantize:
+        raise QwenMLXError("--awq and --dequantize exclude each other")
+    quantize = quantize or awq
     if quantize and dequantize:
         raise QwenMLXError("--quantize and --dequantize exclude each other")
     if bits not in BITS:
@@ -151,6 +162,8 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
 
     suffix = (rec.name if rec.high_bits else f"{rec.low_bits or bits}bit") if quantize else (
         dtype or "mlx")
+    if awq:
+        suffix += "-awq"
     default = (dequantized_name(hf_path, dtype) if dequantize
                else f"{_model_name(hf_path)}-{suffix}")
     target = Path(mlx_path).expanduser() if mlx_path else Path(default)
@@ -169,9 +182,18 @@ def convert(hf_path: str | Path, mlx_path: str | Path | None = None, *, quantize
         # The MTP head goes to files of its own: mlx-lm reads model*.safetensors only, and
         # would refuse tensors its model lacks.
         mtp_writer = _ShardWriter(tmp, writer.max_bytes, prefix="mtp") if mtp else None
+        replace = None
+        if awq:
+            from .awq import prepare
+
+            replace = prepare(source, lambda path, in_dims: plan(
+                path, in_dims, config, rec, bits, group_size), calibration=calibration,
+                clip=awq_clip, progress=progress, log=log)
         stats = _convert_weights(files, config, writer, quantize=quantize, rec=rec, bits=bits,
                                  group_size=group_size, dtype=dtype, dequantize=dequantize,
-                                 progress=progress, log=log, mtp_writer=mtp_writer)
+                                 progress=progress, log=log, mtp_writer=mtp_writer,
+                                 replace=replace)
+        del replace  # the folded float weights, before the result is loaded
         shards = _write_output("model.safetensors.index.json", target, writer.finish)
         if mtp_writer is not None and (mtp_writer.files or mtp_writer.buffer):
             _write_output("mtp.safetensors", target, mtp_writer.finish)
@@ -231,7 +253,8 @@ class _Stats:
 
 def _convert_weights(files: list[Path], config: ModelConfig, writer: "_ShardWriter", *, quantize: bool,
                      rec, bits: int, group_size: int, dtype: str | None, dequantize: bool,
-                     progress: bool, log, mtp_writer: "_ShardWriter | None" = None) -> _Stats:
+                     progress: bool, log, mtp_writer: "_ShardWriter | None" = None,
+                     replace: Callable[[str, mx.array], mx.array] | None = None) -> _Stats:
     from huggingface_hub.utils import tqdm
 
     stats = _Stats()
@@ -257,6 +280,8 @@ def _convert_weights(files: list[Path], config: ModelConfig, writer: "_ShardWrit
                     # Before quantizing, which would turn NaN and inf into ordinary numbers.
                     _check_finite(w, origin)
                 for out_name, t in mapper.add(name, w):
+                    if replace is not None:
+                        t = replace(out_name, t)  # AWQ's folded (and clipped) weights
                     out = writer
                     if out_name.startswith("mtp."):
                         if mtp_writer is None:
