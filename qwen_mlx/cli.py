@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quality", action="store_true",
                        help="also KL and top-1 agreement against the float model for 3, 4 and "
                             "8 bits and the mixed recipes (needs a float source)")
+    spec = bench.add_mutually_exclusive_group()
+    spec.add_argument("--speculative", choices=["mtp"],
+                      help="measure speculative decoding with the MTP block (a random one "
+                           "when the checkpoint has none) instead")
+    spec.add_argument("--draft-model", metavar="PATH|HUB_ID|layers:N",
+                      help="measure speculative decoding with this draft instead; layers:N "
+                           "drafts with the target's first N layers and damps the rest (see "
+                           "--damp), so that draft and target agree by construction")
+    bench.add_argument("--num-draft-tokens", type=int, help="drafts per step")
+    bench.add_argument("--damp", default="0.05,0.2,0.5,1",
+                       help="with --draft-model layers:N, the factors the later layers' outputs "
+                            "are scaled by, one row each (default 0.05,0.2,0.5,1)")
     bench.add_argument("--out", default="bench-results",
                        help="folder for bench.json, bench.md and bench.png (default: "
                             "./bench-results, in the current folder)")
@@ -72,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clean", action="store_true",
                        help="remove the synthetic checkpoints and converted models from the "
                             "work folder: alone, at once; with a model or --shape, after the run")
+    from .serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     info = sub.add_parser("info", help="describe a model folder: family, shapes, context, "
                                        "vocabulary, dtype, parameters, quantization")
     info.add_argument("model", help="a local model folder (Hugging Face or mlx-lm layout)")
@@ -171,6 +186,15 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-cache", help="a cache file: reused when it matches the prompt's "
                                           "start, and saved after generating")
     p.add_argument("--revision", help="hub branch, tag or commit")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft-model", metavar="PATH|HUB_ID",
+                      help="speculative decoding with a small model of the same tokenizer "
+                           "(e.g. Qwen/Qwen3-0.6B for Qwen3-8B)")
+    spec.add_argument("--speculative", choices=["mtp"],
+                      help="speculative decoding with the checkpoint's own MTP block "
+                           "(Qwen3.5/3.6, Qwen3-Next)")
+    p.add_argument("--num-draft-tokens", type=int,
+                   help="drafts per step (default: 3 for a draft model, 2 for mtp)")
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -259,6 +283,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generate.prompt_cache import (check_writable, model_fingerprint, open_prompt_cache,
                                         write_prompt_cache)
     from .generate.sampling import SamplingParams
+    from .generate.speculative import check_num_draft
 
     for name in ("max_tokens", "prefill_step_size", "max_kv_size"):
         value = getattr(args, name)
@@ -269,6 +294,11 @@ def run_generate(args: argparse.Namespace) -> int:
     given = {k: getattr(args, k) for k in SAMPLING_FLAGS}
     with _as_flags(SAMPLING_FLAGS):
         SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
+    if args.num_draft_tokens is not None:
+        if not (args.draft_model or args.speculative):
+            raise QwenMLXError("--num-draft-tokens needs --draft-model or --speculative mtp")
+        with _as_flags(("num_draft_tokens",)):
+            check_num_draft(args.num_draft_tokens)
     text = _read_prompt(args)
     if args.prompt_cache:
         check_writable(args.prompt_cache)  # now, not after the text is printed
@@ -287,6 +317,13 @@ def run_generate(args: argparse.Namespace) -> int:
                            f"{TOKENIZER_HINT}")
     with _as_flags(("kv_bits", "max_kv_size")):
         check_cache_options(model, args.kv_bits, args.max_kv_size)
+    draft = None
+    if args.draft_model:
+        draft_folder = resolve_model_path(args.draft_model)
+        draft = load(draft_folder, dtype=args.dtype)
+        if draft[1] is None:
+            raise QwenMLXError(f"the draft model {draft_folder} has no tokenizer.json, so its "
+                               "vocabulary cannot be checked against the target's")
     load_time = time.perf_counter() - started
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -306,6 +343,9 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         cache = model.make_cache(**options)
     cached, new = reuse_cache(cache, cached, ids)
+    if draft is not None and cached:
+        raise QwenMLXError("--draft-model cannot continue a --prompt-cache file (the draft "
+                           "has no cache of its own there): leave one of them out")
     color = sys.stdout.isatty()
     phase, last, generated = None, None, []
     for r in stream_generate(
@@ -314,7 +354,8 @@ def run_generate(args: argparse.Namespace) -> int:
             min_p=args.min_p, repetition_penalty=args.repetition_penalty,
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
             seed=args.seed, stop=args.stop, prefill_step_size=args.prefill_step_size,
-            enable_thinking=args.enable_thinking, tokens_out=generated):
+            enable_thinking=args.enable_thinking, tokens_out=generated, draft_model=draft,
+            speculative=args.speculative, num_draft_tokens=args.num_draft_tokens):
         if r.phase == "thinking" and args.hide_thinking:
             last = r
             continue
@@ -335,9 +376,17 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"load {load_time:.1f} s | prompt {last.prompt_tokens} tokens"
               f" ({last.cached_tokens} cached), TTFT {last.ttft:.2f} s, "
               f"{last.prompt_tps:.1f} tok/s | generation {last.generation_tokens} tokens, "
-              f"{last.generation_tps:.1f} tok/s ({last.finish_reason}) | "
+              f"{last.generation_tps:.1f} tok/s ({last.finish_reason}){_drafts(last)} | "
               f"peak memory {last.peak_memory:.2f} GB", file=sys.stderr)
     return 0
+
+
+def _drafts(r) -> str:
+    """The speculative figures of a reply, for the stats line."""
+    if not r.draft_tokens:
+        return ""
+    return (f", drafts {r.draft_tokens}, accepted {r.accepted_tokens} "
+            f"({100 * r.acceptance_rate:.0f}%)")
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -456,6 +505,8 @@ def run_bench(args: argparse.Namespace) -> int:
         folder = work / f"{source.name}-{args.bits}bit-g{args.group_size}"
         if not (folder / "config.json").exists():
             convert(source, folder, quantize=True, bits=args.bits, group_size=args.group_size)
+    if args.speculative or args.draft_model:
+        return _speculative_bench(args, folder, contexts[0], out)
     report = benchmark(folder, label=f"{label}, {args.bits}-bit", contexts=contexts,
                        gen=args.gen, reps=args.reps, dtype=None if args.defaults else "float32",
                        peers=not args.no_peers,
@@ -482,6 +533,34 @@ def run_bench(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if args.clean:
         _report_clean(work)
+    return 0
+
+
+def _speculative_bench(args: argparse.Namespace, folder: Path, context: int, out: Path) -> int:
+    from .bench_speculative import markdown, speculative_benchmark
+    from .generate.speculative import check_num_draft
+
+    if args.num_draft_tokens is not None:
+        with _as_flags(("num_draft_tokens",)):
+            check_num_draft(args.num_draft_tokens)
+    try:
+        factors = [float(f) for f in args.damp.split(",") if f.strip()]
+    except ValueError:
+        raise QwenMLXError(f"--damp {args.damp!r}: give factors like 0.05,0.2,1") from None
+    if not factors or not all(0 < f <= 1 for f in factors):
+        raise QwenMLXError(f"--damp {args.damp!r}: each factor must be above 0 and at most 1")
+    report = speculative_benchmark(
+        folder, draft=args.draft_model, speculative=args.speculative,
+        num_draft=args.num_draft_tokens, factors=factors, context=context, gen=args.gen,
+        reps=args.reps, dtype=None if args.defaults else "float32", peers=not args.no_peers,
+        bits=args.bits, group_size=args.group_size,
+        log=lambda m: print(m, file=sys.stderr, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speculative.json").write_text(json.dumps(report, indent=2))
+    text = markdown(report)
+    (out / "speculative.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {out / 'speculative.json'}, {out / 'speculative.md'}", file=sys.stderr)
     return 0
 
 
@@ -599,6 +678,12 @@ def _parameter_count(tensors: dict[str, dict], quantization: dict | None,
     return params - mtp, mtp, stored
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve.cli import run  # starlette and uvicorn load only for `serve`
+
+    return run(args)
+
+
 def _count(n: int) -> str:
     return f"{n:,} ({n / 1e9:.2f} B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.2f} M)"
 
@@ -618,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cpu_count()  # a bad QWEN_MLX_THREADS fails here, before a model loads
         return {"bench": run_bench, "chat": run_chat, "convert": run_convert,
-                "generate": run_generate, "info": _info}[args.command](args)
+                "generate": run_generate, "info": _info, "serve": _serve}[args.command](args)
     except QwenMLXError as e:
         print(f"qwen-mlx: error: {e}", file=sys.stderr)
         return 2

@@ -172,7 +172,7 @@ def tool_call_format(tokenizer, tools: Sequence[Mapping[str, Any]] | None = None
     return detect_tool_format(getattr(template, "source", None)) or "auto"
 
 
-def _tool_parser(tokenizer, tools, requested) -> ToolCallParser | None:
+def make_tool_parser(tokenizer, tools, requested) -> ToolCallParser | None:
     kind = tool_call_format(tokenizer, tools, requested)
     return None if kind is None else ToolCallParser(kind, tools)
 
@@ -285,7 +285,7 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int] | list[dict], 
 
     def run(stopped: Callable[[], bool]) -> Iterator[GenerationResponse]:
         check_cache_options(model, kv_bits, max_kv_size)
-        tool_parser = _tool_parser(tokenizer, tools, tool_format)
+        tool_parser = make_tool_parser(tokenizer, tools, tool_format)
         messages = None
         if isinstance(prompt, str):
             ids = tokenizer.encode(prompt, special=True)
@@ -337,7 +337,7 @@ def _num_draft(drafter, requested: Any) -> int:
                            else requested)
 
 
-def _opens_thinking(tokenizer, ids: Sequence[int]) -> bool:
+def opens_thinking(tokenizer, ids: Sequence[int]) -> bool:
     """Whether the prompt ends inside a <think> block the template opened."""
     tail = tokenizer.decode(list(ids[-8:]), skip_special_tokens=False)
     return tail.rfind("<think>") > tail.rfind("</think>")
@@ -375,7 +375,7 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
     sampler = Sampler(params, rows, prompt=list(context),
                       allowed=getattr(tokenizer, "id_limit", None))
     detok = tokenizer.detokenizer()
-    parser = ThinkingParser(in_thinking=_opens_thinking(tokenizer, context))
+    parser = ThinkingParser(in_thinking=opens_thinking(tokenizer, context))
     stops = StopMatcher(stop)
     # ChatML models end a turn with <|im_end|>; one that opens another turn is done too.
     eos = set(tokenizer.eos_token_ids) | {i for i in (tokenizer.im_start_id,) if i is not None}
@@ -700,7 +700,7 @@ class ChatSession:
     def _respond(self, before: list[dict], *, max_tokens: int, stop: Sequence[str], cancel,
                  prepare_next_turn: bool, sampling: dict) -> Iterator[GenerationResponse]:
         try:
-            tool_parser = _tool_parser(self.tokenizer, self.tools, self.tool_format)
+            tool_parser = make_tool_parser(self.tokenizer, self.tools, self.tool_format)
             ids = self._render(self.messages, True)
             new = self._reuse(ids, keep_one=True)
             mark = on_mark = None

@@ -138,9 +138,11 @@ class ModelDrafter:
     def propose(self, y: int, k: int, draw: DraftSampler) -> tuple[list[int], mx.array | None]:
         """k drafts after the target's context and y; with their draft distributions [k, V']."""
         feed, self.unfed = self.unfed + [y], []
-        if len(feed) > 1:
+        if len(feed) > self.step:
             self._run(feed[:-1])
-        token = mx.array(feed[-1:])
+            feed = feed[-1:]
+        self.ids.extend(feed[:-1])
+        token = mx.array(feed)  # the queued tokens run with the first draft's forward
         self._snaps = []
         drafts, qs = [], []
         for i in range(k):

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..errors import QwenMLXError
-from ..generate.generation import _tool_parser, check_token_ids
+from ..generate.generation import make_tool_parser, check_token_ids
 from ..generate.sampling import Sampler, generation_config_defaults, resolve_sampling
 from ..text.thinking import thinking_enabled
 from ..text.tokenizer import check_fits_model
@@ -213,7 +213,7 @@ class Server:
         rows, allowed = model.config.vocab_size, getattr(tok, "id_limit", None)
         return Job(ids, sampler=lambda: Sampler(params, rows, prompt=ids, allowed=allowed),
                    max_tokens=max_tokens, stop=req.stop, tokenizer=tok,
-                   tool_parser=_tool_parser(tok, tools, "auto") if chat else None,
+                   tool_parser=make_tool_parser(tok, tools, "auto") if chat else None,
                    logprobs=req.top_logprobs if req.logprobs else None, emit=emit,
                    snapshot_at=snapshot_at)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from ..generate.generation import StopMatcher, _opens_thinking, prefill
+from ..generate.generation import StopMatcher, opens_thinking, prefill
 from ..generate.sampling import Sampler
 from ..generate.worker import WORKER
 from ..model.cache import cache_arrays
@@ -82,7 +82,7 @@ class Job:
         self.first_token: float | None = None
         # Text pipeline, as generation._stream runs it.
         self._detok = tokenizer.detokenizer()
-        self._thinking = ThinkingParser(in_thinking=_opens_thinking(tokenizer, ids))
+        self._thinking = ThinkingParser(in_thinking=opens_thinking(tokenizer, ids))
         self._stops = StopMatcher(stop)
         self._tools = tool_parser
         self._eos = set(tokenizer.eos_token_ids) | {
