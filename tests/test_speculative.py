@@ -319,3 +319,28 @@ def _swapped_tokenizer(tmp_path):
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (folder / "tokenizer.json").write_text(json.dumps(data))
     return QwenTokenizer.from_folder(folder)
+
+
+def test_rollback_copies_no_kv_cache(models):
+    """A rejected draft is dropped by moving offsets: the KV buffers are the same arrays
+    afterwards, and the DeltaNet layers take their kept state from the verify's own steps."""
+    from qwen_mlx.generate.speculative import _rewind
+    from qwen_mlx.model.cache import KVCache, LinearCache
+
+    model = models["qwen3_5-nested-untied"]
+    cache = model.make_cache()
+    model(mx.array(PROMPT)[None], cache=cache)
+    fed = [3, 4, 5, 6]
+    for c in cache:
+        if isinstance(c, LinearCache):
+            c.keep_steps = True
+    model(mx.array(fed)[None], cache=cache)
+    buffers = [(c.keys, c.values) for c in cache if isinstance(c, KVCache)]
+    steps = [c.steps[2] for c in cache if isinstance(c, LinearCache)]
+    _rewind(model, cache, None, fed, 2, None)
+    after = [(c.keys, c.values) for c in cache if isinstance(c, KVCache)]
+    assert all(a[0] is b[0] and a[1] is b[1] for a, b in zip(buffers, after))
+    linear = [c for c in cache if isinstance(c, LinearCache)]
+    assert all(c.offset == len(PROMPT) + 2 and c.steps is None for c in linear)
+    for c, s in zip(linear, steps):
+        np.testing.assert_array_equal(np.array(c.recurrent_state), np.array(s[:, :, 1]))
