@@ -13,6 +13,11 @@ perplexity, through `qwen_mlx.quality.perplexity`.
 
     python benchmarks/awq_quality.py [--bits 4 3] [--families qwen3 qwen3_5 ...]
         [--group-size 32] [--clip] [--out benchmarks/results/linux-cpu/awq-quality]
+
+`--cost SHAPE [--layers N]` measures instead what AWQ costs: seconds and peak
+resident memory of plain 4-bit and AWQ conversions of a synthetic checkpoint at a
+real width (qwen_mlx.bench.synthetic_checkpoint, bfloat16, plus the tests' tiny
+tokenizer for the calibration text), each in a fresh process.
 """
 
 from __future__ import annotations
@@ -144,6 +149,38 @@ def markdown(rows: list[dict], clip: bool, outlier: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+COST_RUN = r"""
+import resource, shutil, sys, time
+mode, src, out = sys.argv[1:4]
+shutil.rmtree(out, ignore_errors=True)
+import qwen_mlx
+t = time.perf_counter()
+qwen_mlx.convert(src, out, quantize=True, awq=mode == "awq", progress=False, log=lambda s: None)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t)
+"""
+
+
+def cost(shape: str, layers: int, work: Path) -> list[dict]:
+    import subprocess
+
+    from conftest import write_tiny_tokenizer
+    from qwen_mlx.bench import synthetic_checkpoint
+
+    source = work / shape
+    synthetic_checkpoint(source, shape, layers=layers)
+    write_tiny_tokenizer(source, vocab=300)
+    rows = []
+    for mode in ("plain", "awq"):
+        done = subprocess.run([sys.executable, "-c", COST_RUN, mode, str(source),
+                               str(work / mode)], capture_output=True, text=True, check=True)
+        rss, seconds = map(float, done.stdout.split()[-2:])
+        rows.append({"shape": shape, "layers": layers, "mode": mode, "peak_rss_mb": rss,
+                     "seconds": seconds})
+        print(f"{shape} x{layers} layers  {mode:5}  {seconds:7.1f} s  peak RSS {rss:7.0f} MB",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
@@ -153,8 +190,20 @@ def main() -> None:
     ap.add_argument("--clip", action="store_true")
     ap.add_argument("--out", type=Path,
                     default=ROOT / "benchmarks/results/linux-cpu/awq-quality")
+    ap.add_argument("--cost", metavar="SHAPE", help="measure time and memory on this "
+                                                   "synthetic shape instead (qwen3-0.6b-shape)")
+    ap.add_argument("--layers", type=int, default=4)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="awq-quality-"))
+    if args.cost:
+        try:
+            rows = cost(args.cost, args.layers, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        out = args.out.with_name("awq-cost.json")
+        out.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     try:
         rows = run(args.families, args.bits, args.group_size, args.outlier, args.clip, work)
     finally:
