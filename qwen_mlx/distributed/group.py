@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -54,6 +57,7 @@ class Comm:
     hosts: list[str]
     pids: list[int]
     traffic: Traffic = field(default_factory=Traffic)
+    broken: bool = False  # a peer was lost: no collective can complete any more
     # The ring, MPI and JACCL collectives run on the CPU (Metal has no kernels for them;
     # with MLX_METAL_FAST_SYNCH=1 the crossing is cheap); NCCL's run on the GPU.
     stream: "mx.Stream | mx.Device | None" = mx.cpu
@@ -112,6 +116,7 @@ class Comm:
 
     def lost(self, error: Exception) -> RankError:
         """The backend's lost-connection error, told as which rank died."""
+        self.broken = True
         dead = self.dead_ranks()
         if dead:
             who = ", ".join(f"{self.name(r)}, pid {self.pids[r]}," for r in dead)
@@ -194,4 +199,34 @@ def init(backend: str = "any") -> Comm:
         pids = [int.from_bytes(bytes(r[HOST_BYTES:]), "little") for r in table]
     _COMM = Comm(group, rank, size, hosts, pids,
                  stream=None if backend == "nccl" else mx.cpu)
+    if size > 1:
+        _report_termination(_COMM)
     return _COMM
+
+
+def _report_termination(comm: Comm) -> None:
+    """When the launcher stops this rank (it does once any rank ends badly), say which
+    rank died before exiting, even while the main thread waits inside a collective."""
+    def stop(*_) -> None:
+        dead = comm.dead_ranks()
+        why = (", ".join(f"{comm.name(r)}, pid {comm.pids[r]}," for r in dead) + " died"
+               if dead else "another rank ended (the launcher's warning names it)")
+        sys.stderr.write(f"qwen-mlx: error: {comm.name()}: stopping, since {why}\n")
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGTERM)
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    # The Python handler runs when the main thread next runs Python; the wakeup fd lets a
+    # thread act at once while the main thread waits in MLX (which releases the GIL).
+    signal.signal(signal.SIGTERM, stop)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write)
+
+    def watch() -> None:
+        while True:
+            if signal.SIGTERM in os.read(read, 64):
+                stop()
+
+    threading.Thread(target=watch, name="qwen-mlx-sigterm", daemon=True).start()

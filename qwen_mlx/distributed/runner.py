@@ -114,7 +114,7 @@ class Driver:
 
     def close(self) -> None:
         """Tell the followers to stop (once; also at exit)."""
-        if self._closed:
+        if self._closed or self._stage.comm.broken:
             return
         self._closed = True
         try:
