@@ -6,9 +6,16 @@ sliding-window layers and `max_kv_size`: it keeps only the last `window`
 positions, so its memory stays bounded however long the conversation runs.
 
 Either can store keys and values quantized (`bits` 4 or 8): the buffers then
-hold mx.quantize's (packed, scales, biases) triples and are dequantized when
-attention reads them. Quantization is a storage detail here, which is why it
+hold mx.quantize's (packed, scales, biases) triples. Attention asks for them
+as stored (`update(..., packed=True)`) and reads them with
+mx.quantized_matmul, so the cache is never dequantized; other callers get
+float arrays. Quantization is a storage detail here, which is why it
 combines with the rotating cache (mlx-lm's quantized cache cannot rotate).
+
+A rotating cache for `max_kv_size` also keeps the first `sinks` positions
+(attention sinks, 4 by default) besides the most recent ones: the first
+tokens draw much of every head's attention, and dropping them is what makes
+a plain window's output fall apart once the conversation passes it.
 
 `update` stores the new keys and values and returns what attention needs:
 the keys and values to attend over and the mask for the new queries
@@ -39,6 +46,16 @@ def window_mask(q_start: int, q_len: int, k_start: int, k_len: int, window: int)
     return (k <= q) & (k > q - window)
 
 
+def sink_mask(q_start: int, q_len: int, key_positions: mx.array, window: int,
+              sinks: int) -> mx.array:
+    """Query at position p sees key position j iff j <= p and (j < sinks or
+    p - (window - sinks) < j): the sink positions plus the most recent ones, `window`
+    keys in all."""
+    q = mx.arange(q_start, q_start + q_len)[:, None]
+    k = key_positions[None, :]
+    return (k <= q) & ((k < sinks) | (k > q - (window - sinks)))
+
+
 def attention_mask(length: int, window: int | None = None) -> "str | mx.array | None":
     """The mask for an uncached forward of `length` tokens."""
     if length == 1:
@@ -60,8 +77,9 @@ class _Storage:
         group = 64 if x.shape[-1] % 64 == 0 else 32
         return tuple(mx.quantize(x, group_size=group, bits=self.bits))
 
-    def unpack(self, x: Any, dtype: mx.Dtype) -> mx.array:
-        if self.bits is None:
+    def unpack(self, x: Any, dtype: mx.Dtype, packed: bool = False) -> Any:
+        """Float [B, H, N, D]; with `packed`, as stored (what quantized attention reads)."""
+        if self.bits is None or packed:
             return x
         w, scales, biases = x
         group = w.shape[-1] * 32 // self.bits // scales.shape[-1]
@@ -140,8 +158,9 @@ class KVCache:
     def bits(self) -> int | None:
         return self.storage.bits
 
-    def update(self, keys: mx.array, values: mx.array):
-        """Append keys/values [B, H, L, D]; return all of them and the mask."""
+    def update(self, keys: mx.array, values: mx.array, packed: bool = False):
+        """Append keys/values [B, H, L, D]; return all of them (as stored with `packed`)
+        and the mask."""
         s, start, length = self.storage, self.offset, keys.shape[2]
         k, v = s.pack(keys), s.pack(values)
         if self.keys is None or start + length > s.length(self.keys):
@@ -160,8 +179,8 @@ class KVCache:
         self.offset += length
         self._high = max(self._high, self.offset)
         mask = None if length == 1 else "causal"
-        return (s.unpack(s.slice(self.keys, 0, self.offset), keys.dtype),
-                s.unpack(s.slice(self.values, 0, self.offset), values.dtype), mask)
+        return (s.unpack(s.slice(self.keys, 0, self.offset), keys.dtype, packed),
+                s.unpack(s.slice(self.values, 0, self.offset), values.dtype, packed), mask)
 
     def trim(self, n: int) -> bool:
         """Forget the last `n` positions; always possible here."""
@@ -205,21 +224,24 @@ class KVCache:
 class RotatingKVCache:
     """A cache that holds at most `window` positions (sliding windows, max_kv_size).
 
-    While fewer than `window` positions are held they sit in order at
-    [0, filled); once full, the buffer is a ring and `_next` is the slot of
-    the oldest position, the one the next token overwrites.
+    The first `sinks` positions, once written, stay in slots [0, sinks). While
+    fewer than `window` positions are held they sit in order at [0, filled);
+    once full, slots [sinks, window) are a ring and `_next` is the slot of the
+    oldest position there, the one the next token overwrites.
     """
 
     step = 256
 
-    def __init__(self, window: int, bits: int | None = None) -> None:
-        self.window = window
+    def __init__(self, window: int, bits: int | None = None, sinks: int = 0) -> None:
+        if not 0 <= sinks < window:
+            raise ValueError(f"sinks must lie in [0, window), got {sinks} for window {window}")
+        self.window, self.sinks = window, sinks
         self.storage = _Storage(bits)
         self.keys: Any = None
         self.values: Any = None
         self.offset = 0
         self._filled = 0
-        self._next = 0
+        self._next = sinks
 
     @property
     def bits(self) -> int | None:
@@ -230,37 +252,55 @@ class RotatingKVCache:
         if self.keys is None:
             return None, None
         k, v = s.slice(self.keys, 0, self._filled), s.slice(self.values, 0, self._filled)
-        if self._filled == self.window and self._next:
-            n = self._next
-            k = s.concat(s.slice(k, n, self.window), s.slice(k, 0, n))
-            v = s.concat(s.slice(v, n, self.window), s.slice(v, 0, n))
+        if self._filled == self.window and self._next != self.sinks:
+            n, a, w = self._next, self.sinks, self.window
+            k = s.concat(s.concat(s.slice(k, 0, a), s.slice(k, n, w)), s.slice(k, a, n))
+            v = s.concat(s.concat(s.slice(v, 0, a), s.slice(v, n, w)), s.slice(v, a, n))
         return k, v
 
-    def update(self, keys: mx.array, values: mx.array):
-        """Add keys/values [B, H, L, D]; return what the new queries attend over, and the mask."""
+    def _held_positions(self) -> mx.array:
+        """The positions `_in_order` returns, in its order."""
+        if self.offset <= self.window:
+            return mx.arange(self.offset)
+        recent = self.window - self.sinks
+        return mx.concatenate([mx.arange(self.sinks),
+                               mx.arange(self.offset - recent, self.offset)])
+
+    def update(self, keys: mx.array, values: mx.array, packed: bool = False):
+        """Add keys/values [B, H, L, D]; return what the new queries attend over (as
+        stored with `packed`), and the mask."""
         s = self.storage
         if keys.shape[2] == 1 and self.keys is not None:
-            return self._update_one(keys, values)
+            return self._update_one(keys, values, packed)
         start, length = self.offset, keys.shape[2]
+        held = self._held_positions() if self.sinks and start > self.window else None
         old_k, old_v = self._in_order()
         all_k, all_v = s.pack(keys), s.pack(values)
         if old_k is not None:
             all_k, all_v = s.concat(old_k, all_k), s.concat(old_v, all_v)
         total = s.length(all_k)
         self.offset += length
-        # Keep only the last `window` positions: the next query needs no more.
-        keep = min(self.window, total)
-        self.keys, self.values = s.slice(all_k, total - keep, total), s.slice(all_v, total - keep, total)
-        self._filled, self._next = keep, 0
+        # Keep the sinks and the last `window - sinks` positions: the next query needs no more.
+        if total <= self.window:
+            self.keys, self.values = all_k, all_v
+        else:
+            a, recent = self.sinks, self.window - self.sinks
+            self.keys = s.concat(s.slice(all_k, 0, a), s.slice(all_k, total - recent, total))
+            self.values = s.concat(s.slice(all_v, 0, a), s.slice(all_v, total - recent, total))
+        self._filled, self._next = min(total, self.window), self.sinks
         if length == 1:
             mask = None
         elif start + length <= self.window:
             mask = "causal"
+        elif self.sinks:
+            positions = mx.arange(start + length) if held is None else mx.concatenate(
+                [held, mx.arange(start, start + length)])
+            mask = sink_mask(start, length, positions, self.window, self.sinks)
         else:
             mask = window_mask(start, length, start + length - total, total, self.window)
-        return s.unpack(all_k, keys.dtype), s.unpack(all_v, values.dtype), mask
+        return s.unpack(all_k, keys.dtype, packed), s.unpack(all_v, values.dtype, packed), mask
 
-    def _update_one(self, keys: mx.array, values: mx.array):
+    def _update_one(self, keys: mx.array, values: mx.array, packed: bool = False):
         s = self.storage
         k, v = s.pack(keys), s.pack(values)
         if self._filled < self.window:
@@ -272,13 +312,14 @@ class RotatingKVCache:
             self._filled += 1
         else:
             slot = self._next
-            self._next = (self._next + 1) % self.window
+            a = self.sinks
+            self._next = a + (self._next - a + 1) % (self.window - a)
         s.assign(self.keys, slot, k)
         s.assign(self.values, slot, v)
         self.offset += 1
-        # Everything held lies inside the new token's window, so order does not matter.
-        return (s.unpack(s.slice(self.keys, 0, self._filled), keys.dtype),
-                s.unpack(s.slice(self.values, 0, self._filled), values.dtype), None)
+        # Everything held lies inside the new token's view, so order does not matter.
+        return (s.unpack(s.slice(self.keys, 0, self._filled), keys.dtype, packed),
+                s.unpack(s.slice(self.values, 0, self._filled), values.dtype, packed), None)
 
     def trim(self, n: int) -> bool:
         """Forget the last `n` positions, if no position before them was dropped yet."""
@@ -295,7 +336,7 @@ class RotatingKVCache:
         """Take keys and values as `state()` returns them (a prompt-cache file)."""
         self.keys, self.values, self.offset = keys, values, offset
         self._filled = 0 if keys is None else self.storage.length(keys)
-        self._next = 0
+        self._next = self.sinks
 
     def snapshot(self) -> CacheSnapshot:
         s = self.storage
@@ -376,17 +417,28 @@ class LinearCache:
         return sum(a.nbytes for a in self.state() if a is not None)
 
 
+SINKS = 4  # attention sinks a max_kv_size cache keeps by default
+
+
 def make_cache(windows: "tuple[int | None, ...]", *, kv_bits: int | None = None,
-               max_kv_size: int | None = None, kinds: "tuple[str, ...] | None" = None) -> list:
+               max_kv_size: int | None = None, kinds: "tuple[str, ...] | None" = None,
+               sinks: int = SINKS) -> list:
     """One cache per layer: a LinearCache for Gated DeltaNet layers ("linear" in
-    `kinds`); rotating where a layer has a window or max_kv_size is set."""
+    `kinds`); rotating where a layer has a window or max_kv_size is set. Where
+    max_kv_size (not the layer's own window) bounds the cache, it also keeps the first
+    `sinks` positions (at most half of max_kv_size); a window layer stays exact."""
     caches = []
     for i, w in enumerate(windows):
         if kinds is not None and kinds[i] == "linear":
             caches.append(LinearCache())
             continue
         limit = min(x for x in (w, max_kv_size) if x) if (w or max_kv_size) else None
-        caches.append(RotatingKVCache(limit, kv_bits) if limit else KVCache(kv_bits))
+        if not limit:
+            caches.append(KVCache(kv_bits))
+            continue
+        capped = max_kv_size is not None and (not w or max_kv_size < w)
+        keep = min(sinks, limit // 2) if capped else 0
+        caches.append(RotatingKVCache(limit, kv_bits, sinks=keep))
     return caches
 
 
@@ -428,6 +480,7 @@ class BatchKVCache:
     hides it. Float storage only (a quantized single-row cache is not batched)."""
 
     step = 256
+    bits = None
 
     def __init__(self, keys: mx.array, values: mx.array, starts: list[int], idx: int) -> None:
         self.keys, self.values, self.starts, self.idx = keys, values, list(starts), idx
@@ -453,8 +506,9 @@ class BatchKVCache:
     def size(self) -> int:
         return len(self.starts)
 
-    def update(self, keys: mx.array, values: mx.array):
-        """Write one new position per row [B, H, 1, D]; all keys, values and the row mask."""
+    def update(self, keys: mx.array, values: mx.array, packed: bool = False):
+        """Write one new position per row [B, H, 1, D]; all keys, values and the row mask
+        (float storage: `packed` changes nothing)."""
         if keys.shape[2] != 1:
             raise ValueError("a batch cache takes one token per row (prefill each row alone)")
         if self.idx + 1 > self.keys.shape[2]:

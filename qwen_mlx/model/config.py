@@ -120,6 +120,21 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class DCAConfig:
+    """Dual Chunk Attention (Qwen2.5-1M, spec §3.7), from `dual_chunk_attention_config`."""
+
+    chunk_size: int = 8192
+    local_size: int = 1024
+    # 0: no length scaling; else keys and queries scale by max(1, 0.1 ln(L/L0) + 1).
+    original_max_position_embeddings: int = 0
+
+    @property
+    def chunk_len(self) -> int:
+        """c = chunk_size - local_size: token p lies in chunk p // c."""
+        return self.chunk_size - self.local_size
+
+
+@dataclass(frozen=True)
 class MoEConfig:
     """Sparse-MoE block parameters shared by every sparse layer."""
 
@@ -194,6 +209,8 @@ class ModelConfig:
     # Qwen1: the training length S used by dynamic NTK and LogN, or None when off.
     ntk_seq_length: int | None = None
     logn_seq_length: int | None = None
+    # Qwen2.5-1M's Dual Chunk Attention, or None (the model can still switch it off).
+    dca: DCAConfig | None = None
     # mlx-lm's quantization block: {"group_size", "bits", ["mode"], per-path overrides}.
     quantization: dict | None = None
     torch_dtype: str | None = None
@@ -508,8 +525,32 @@ def _hf(data: dict, raw: dict, family: str, source: str, quantization, torch_dty
         layer_kinds=kinds, linear=linear, attention_gate=hybrid, zero_centred_norms=hybrid,
         mtp_layers=_mtp_layers(r) if hybrid else 0,
         vision_token_ids=_vision_token_ids(data, source) if family in NESTED_FAMILIES else (),
+        dca=_dca(data, source),
         quantization=quantization, torch_dtype=torch_dtype, source=source, raw=raw,
     )
+
+
+def _dca(data: dict, source: str) -> DCAConfig | None:
+    """vLLM's `dual_chunk_attention_config` keys and defaults; the sparse-prefill keys
+    (`sparse_attention_*`) only pick approximate indices, and are ignored."""
+    block = data.get("dual_chunk_attention_config")
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: 'dual_chunk_attention_config' must be an object, "
+                          f"got {block!r}")
+    r = _Reader(block, {"chunk_size": 8192, "local_size": 1024,
+                        "original_max_position_embeddings": 0},
+                f"{source}: dual_chunk_attention_config")
+    dca = DCAConfig(chunk_size=r.int("chunk_size", minimum=2),
+                    local_size=r.int("local_size", minimum=0),
+                    original_max_position_embeddings=r.int(
+                        "original_max_position_embeddings", minimum=0))
+    if dca.chunk_len < 1:
+        raise ConfigError(f"{source}: dual_chunk_attention_config has chunk_size "
+                          f"{dca.chunk_size} and local_size {dca.local_size}; chunk_size must "
+                          "be larger than local_size")
+    return dca
 
 
 def _layer_kinds(r: _Reader, data: dict, layers: int, source: str) -> tuple[str, ...]:

@@ -18,8 +18,9 @@ import mlx.nn as nn
 
 from ..errors import QwenMLXError
 from .attention import Attention, Positions
-from .cache import BatchKVCache, BatchLinearCache, KVCache, LinearCache, make_cache
+from .cache import SINKS, BatchKVCache, BatchLinearCache, KVCache, LinearCache, make_cache
 from .config import ModelConfig
+from .dca import DCAPositions
 from .deltanet import GatedDeltaNet
 from .moe import MLP, SparseMoE
 from .norm import RMSNorm
@@ -104,13 +105,22 @@ class Model(nn.Module):
         # q·k by f². Every Qwen config with YaRN rotates the whole head, so
         # folding f² into the softmax scale is exact and costs nothing.
         self.softmax_scale = config.head_dim ** -0.5 * self.rotary.attention_factor ** 2
+        # Dual Chunk Attention: on when the config carries it (dca.set_dca switches it).
+        self.dca = config.dca
 
-    def make_cache(self, *, kv_bits: int | None = None, max_kv_size: int | None = None) -> list:
+    def make_cache(self, *, kv_bits: int | None = None, max_kv_size: int | None = None,
+                   sinks: int = SINKS) -> list:
         """One cache per layer: a LinearCache for Gated DeltaNet layers, rotating for
-        sliding-window layers (and all attention layers when `max_kv_size` is set),
-        growing otherwise; `kv_bits` 4 or 8 quantizes the KV caches."""
+        sliding-window layers (and all attention layers when `max_kv_size` is set, keeping
+        the first `sinks` positions too), growing otherwise; `kv_bits` 4 or 8 quantizes
+        the KV caches (attention then reads them quantized)."""
+        if self.dca is not None and max_kv_size is not None:
+            raise QwenMLXError("Dual Chunk Attention needs every position's keys, so "
+                               "max_kv_size cannot be set; switch DCA off to use it")
+        if sinks < 0:
+            raise QwenMLXError(f"sinks must be 0 or more, got {sinks}")
         return make_cache(self.config.sliding_windows, kv_bits=kv_bits, max_kv_size=max_kv_size,
-                          kinds=self.config.layer_kinds)
+                          kinds=self.config.layer_kinds, sinks=sinks)
 
     def make_mtp_cache(self, *, kv_bits: int | None = None) -> list:
         """One growing KV cache per MTP layer (an MTP layer attends over all positions)."""
@@ -128,15 +138,21 @@ class Model(nn.Module):
                                    "(dynamic NTK or LogN): its rows cannot decode in a batch")
             return Positions(offset, self.rotary.freqs(0, 1), None, self.softmax_scale)
         freqs = self.rotary.freqs(offset, max(length, prompt_length or 0) if offset == 0 else length)
-        return Positions(offset, freqs, self.rotary.query_scale(offset, length), self.softmax_scale)
+        dca = None
+        if self.dca is not None:
+            total = max(offset + length, prompt_length or 0)
+            dca = DCAPositions(self.dca, offset, length, total, freqs)
+        return Positions(offset, freqs, self.rotary.query_scale(offset, length), self.softmax_scale,
+                         dca)
 
     @property
     def can_batch(self) -> bool:
         """Whether rows at different positions can decode in one forward: the RoPE keeps
         no per-sequence state (not Qwen1's NTK/LogN, not HF dynamic) and no layer has a
-        sliding window."""
+        sliding window, and Dual Chunk Attention is off."""
         c = self.config
-        return (c.rope.rope_type != "dynamic" and self.rotary.ntk_seq_length is None
+        return (self.dca is None and c.rope.rope_type != "dynamic"
+                and self.rotary.ntk_seq_length is None
                 and self.rotary.logn_seq_length is None
                 and not any(w for w in c.sliding_windows))
 

@@ -143,3 +143,17 @@ class RotaryEmbedding:
         if s is None or offset + length <= s:
             return None
         return mx.array(logn_scale(offset, length, s)[:, None])
+
+
+def rotate_at(x: mx.array, positions: mx.array, periods: mx.array, dims: int) -> mx.array:
+    """NeoX rotation of the first `dims` features of x [..., L, D] by per-token
+    `positions` [L] (any order, repeats allowed: Dual Chunk Attention's positions wrap
+    and clamp), with `periods` = 1/inv_freq as `mx.fast.rope` takes them."""
+    angles = positions.astype(mx.float32)[:, None] / periods[None, :]
+    cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+    half = dims // 2
+    x1, x2 = x[..., :half], x[..., half:dims]
+    out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if dims < x.shape[-1]:
+        out.append(x[..., dims:])
+    return mx.concatenate(out, axis=-1)
