@@ -136,7 +136,8 @@ def test_full_forward_matches_reference(dca_case):
         plain = hf(torch.tensor(ids)).logits.numpy()
         hf.set_attn_implementation(f"dca_numpy_{ref.original}")
     assert np.abs(plain[:, C:] - want[:, C:]).max() > 1e-2
-    np.testing.assert_allclose(plain[:, :C], want[:, :C], atol=1e-4, rtol=0)
+    if ref.original == 0:  # no length factor: the first chunk is plain attention
+        np.testing.assert_allclose(plain[:, :C], want[:, :C], atol=1e-4, rtol=0)
 
 
 def test_prefill_and_decode_match_reference(dca_case):
