@@ -107,6 +107,9 @@ class Model(nn.Module):
         self.softmax_scale = config.head_dim ** -0.5 * self.rotary.attention_factor ** 2
         # Dual Chunk Attention: on when the config carries it (dca.set_dca switches it).
         self.dca = config.dca
+        # Per layer: the attention window (the config's sliding windows, or Qwen1's
+        # layer-wise windows once long_context.set_qwen1_window sets them).
+        self.windows = config.sliding_windows
 
     def make_cache(self, *, kv_bits: int | None = None, max_kv_size: int | None = None,
                    sinks: int = SINKS) -> list:
@@ -119,7 +122,7 @@ class Model(nn.Module):
                                "max_kv_size cannot be set; switch DCA off to use it")
         if sinks < 0:
             raise QwenMLXError(f"sinks must be 0 or more, got {sinks}")
-        return make_cache(self.config.sliding_windows, kv_bits=kv_bits, max_kv_size=max_kv_size,
+        return make_cache(self.windows, kv_bits=kv_bits, max_kv_size=max_kv_size,
                           kinds=self.config.layer_kinds, sinks=sinks)
 
     def make_mtp_cache(self, *, kv_bits: int | None = None) -> list:
@@ -154,7 +157,7 @@ class Model(nn.Module):
         return (self.dca is None and c.rope.rope_type != "dynamic"
                 and self.rotary.ntk_seq_length is None
                 and self.rotary.logn_seq_length is None
-                and not any(w for w in c.sliding_windows))
+                and not any(w for w in self.windows))
 
     def batch_cache(self, cache: list) -> list:
         """A one-row batch cache (for `Model.__call__` on [B, 1] tokens) holding what the
