@@ -71,6 +71,8 @@ class ChatApp(App[None]):
         self.settings: Settings = replace(settings, **overrides)
         self.model: Any = None
         self.tokenizer: Any = None
+        self.draft: tuple[Any, Any] | None = None  # the loaded draft model, when one is set
+        self._draft_source: str | None = None
         self._preloaded = preloaded
         self.clock, self.flush_interval = clock, flush_interval
         self.session_factory = session_factory
@@ -92,6 +94,8 @@ class ChatApp(App[None]):
             self.notify(self._settings_warning, severity="warning", markup=False)
         if self._preloaded is not None:
             self._model_loaded(*self._preloaded)
+            if self.settings.draft_model:
+                self.load_draft()
         else:
             self.load_model()
 
@@ -120,6 +124,49 @@ class ChatApp(App[None]):
             self.call_from_thread(self._model_failed, str(e))
             return
         self.call_from_thread(self._model_loaded, model, tokenizer)
+        self._load_draft(model, tokenizer)
+
+    def _load_draft(self, model: Any, tokenizer: Any) -> None:
+        """Load the settings' draft model (on the calling worker thread); a draft that
+        cannot serve is reported and left out, the chat goes on without it."""
+        from qwen_mlx.checkpoint.hub import resolve_model_path
+        from qwen_mlx.generate.speculative import check_draft_vocabulary
+
+        source = self.settings.draft_model
+        if source == self._draft_source:
+            return
+        self.draft, self._draft_source = None, source
+        if not source:
+            return
+        try:
+            draft = self.mlx.run(lambda: load(resolve_model_path(source)))
+            if draft[1] is None:
+                raise ValueError(f"{source} has no tokenizer.json to check its vocabulary by")
+            check_draft_vocabulary(tokenizer, draft[1])
+        except Exception as e:
+            self.call_from_thread(self.notify, f"The draft model is not used: {e}",
+                                  severity="error", timeout=30, markup=False)
+            return
+        self.draft = draft
+        self.call_from_thread(self.notify, f"Draft model {source} loaded: new chats use it.",
+                              markup=False)
+
+    @work(thread=True, exclusive=True, group="draft", exit_on_error=False)
+    def load_draft(self) -> None:
+        if self.model is not None:
+            self._load_draft(self.model, self.tokenizer)
+
+    def session_options(self) -> dict[str, Any]:
+        """Speculative-decoding keywords for a new ChatSession, as far as they can serve:
+        the MTP head only where the checkpoint has one, a draft model once loaded."""
+        spec = self.settings.speculation()
+        if spec.get("speculative") == "mtp" and getattr(self.model, "mtp", None) is None:
+            return {}
+        if "draft_model" in spec:
+            if self.draft is None:
+                return {}
+            spec["draft_model"] = self.draft
+        return spec
 
     def _model_loaded(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer, self.model_error = model, tokenizer, None
@@ -153,6 +200,13 @@ class ChatApp(App[None]):
             self.chat.set_system_prompt(settings.system_prompt)
         if settings.model_options() != old.model_options():
             self.reload_model()
+        elif settings.draft_model != old.draft_model:
+            self.load_draft()
+        if (settings.speculative == "mtp" and self.model is not None
+                and getattr(self.model, "mtp", None) is None):
+            self.notify("This checkpoint has no MTP head (mtp.* weights): speculative "
+                        "decoding stays off. Convert it again without --no-mtp, or use a "
+                        "draft model.", severity="warning", markup=False)
         self.notify("Settings saved.")
 
     # ---------------------------------------------------------------- helpers

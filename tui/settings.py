@@ -45,6 +45,22 @@ class Settings:
     rope_factor: float = 4.0
     max_context: int | None = None
     kv_bits: int | None = None  # applies to chats started afterwards
+    # Speculative decoding: the checkpoint's MTP block, or a draft model (folder or hub id).
+    speculative: str | None = None  # "mtp" or None
+    draft_model: str | None = None
+    num_draft_tokens: int | None = None  # None: the library's default per kind
+
+    def speculation(self) -> dict[str, Any]:
+        """What these settings ask of speculative decoding (ChatSession's keywords, the
+        draft model as the path or hub id to load)."""
+        out: dict[str, Any] = {}
+        if self.speculative:
+            out["speculative"] = self.speculative
+        elif self.draft_model:
+            out["draft_model"] = self.draft_model
+        if out and self.num_draft_tokens is not None:
+            out["num_draft_tokens"] = self.num_draft_tokens
+        return out
 
     def sampling(self) -> dict[str, Any]:
         """The sampling keywords to pass to ChatSession (None means: the model's default)."""
@@ -75,6 +91,13 @@ class Settings:
             raise SettingsError(f"max context must be at least 2, got {self.max_context}")
         if self.kv_bits not in KV_BITS:
             raise SettingsError(f"KV cache bits must be 4, 8 or none, got {self.kv_bits}")
+        if self.speculative not in (None, "mtp"):
+            raise SettingsError(f"speculative {self.speculative!r} is not known: mtp or none")
+        if self.speculative and self.draft_model:
+            raise SettingsError("choose one way to draft: the MTP head or a draft model")
+        if self.num_draft_tokens is not None and not 1 <= self.num_draft_tokens <= 16:
+            raise SettingsError(f"drafts per step must be from 1 to 16, got "
+                                f"{self.num_draft_tokens}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,8 +133,9 @@ class Settings:
 
 _FLOATS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
            "rope_factor"}
-_INTS = {"top_k", "max_tokens", "max_context", "kv_bits"}
-_OPTIONAL = set(SAMPLING_FIELDS) | {"rope_scaling", "max_context", "kv_bits"}
+_INTS = {"top_k", "max_tokens", "max_context", "kv_bits", "num_draft_tokens"}
+_OPTIONAL = set(SAMPLING_FIELDS) | {"rope_scaling", "max_context", "kv_bits", "speculative",
+                                    "draft_model", "num_draft_tokens"}
 
 
 def _check_type(name: str, value: Any) -> None:

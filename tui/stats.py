@@ -19,6 +19,8 @@ class TurnStats:
     peak_memory: float = 0.0  # GB
     context_tokens: int = 0  # cache positions after this step
     finish_reason: str | None = None
+    draft_tokens: int = 0  # speculative decoding: drafts proposed, and accepted
+    accepted_tokens: int = 0
 
     @classmethod
     def from_response(cls, r: Any) -> "TurnStats":
@@ -39,10 +41,16 @@ class TurnStats:
 
     def describe(self) -> str:
         """TTFT 0.21 s · prefill 812 tok/s · decode 55.3 tok/s · 128 tok · peak 0.52 GB"""
+        decode = f"decode {self.generation_tps:,.1f} tok/s"
+        if self.draft_tokens:
+            decode += f" ({self.acceptance:.0%} of drafts accepted)"
         return " · ".join([f"TTFT {self.ttft:.2f} s", f"prefill {self.prompt_tps:,.0f} tok/s",
-                           f"decode {self.generation_tps:,.1f} tok/s",
-                           f"{self.generation_tokens:,} tok",
+                           decode, f"{self.generation_tokens:,} tok",
                            f"peak {self.peak_memory:.2f} GB"])
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     def details(self) -> str:
         """The longer form, for the stats bar's tooltip."""
@@ -50,4 +58,6 @@ class TurnStats:
                 f"prefill: {self.prompt_tokens:,} new tokens at {self.prompt_tps:,.1f} tok/s, "
                 f"{self.cached_tokens:,} reused from the cache\n"
                 f"decode: {self.generation_tokens:,} tokens at {self.generation_tps:,.1f} tok/s\n"
+                + (f"speculative: {self.accepted_tokens:,} of {self.draft_tokens:,} drafts "
+                   f"accepted\n" if self.draft_tokens else "") +
                 f"peak memory {self.peak_memory:.3f} GB")

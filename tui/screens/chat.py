@@ -193,7 +193,7 @@ class ChatScreen(Screen):
         app = self.app
         return app.session_factory(app.model, app.tokenizer, messages=record.messages,
                                    enable_thinking=record.enable_thinking,
-                                   kv_bits=app.settings.kv_bits)
+                                   kv_bits=app.settings.kv_bits, **app.session_options())
 
     # --------------------------------------------------------------- the record
 

@@ -16,8 +16,9 @@ from ..settings import SAMPLING_FIELDS, Settings, SettingsError, preset
 
 LABELS = {"temperature": "Temperature", "top_p": "Top p", "top_k": "Top k", "min_p": "Min p",
           "repetition_penalty": "Repetition pen.", "presence_penalty": "Presence pen."}
-INTEGER_FIELDS = {"top_k", "max_tokens", "max_context"}
+INTEGER_FIELDS = {"top_k", "max_tokens", "max_context", "num_draft_tokens"}
 KV_CHOICES = [("full precision", 0), ("8-bit", 8), ("4-bit", 4)]  # 0 stands for None
+DRAFT_CHOICES = [("off", ""), ("MTP head", "mtp"), ("draft model", "model")]
 
 
 def _shown(value: Any) -> str:
@@ -64,6 +65,23 @@ class SettingsScreen(ModalScreen["Settings | None"]):
                     yield Select(KV_CHOICES, value=s.kv_bits or 0, allow_blank=False,
                                  id="kv_bits", compact=True)
                 yield Static("KV cache bits apply to chats started afterwards.",
+                             classes="hint")
+                yield Label("Speculative decoding: same output, faster when drafts are "
+                            "accepted", classes="section")
+                kind = "mtp" if s.speculative else "model" if s.draft_model else ""
+                with Horizontal(classes="row"):
+                    yield Label("Drafts from", classes="field")
+                    yield Select(DRAFT_CHOICES, value=kind, allow_blank=False,
+                                 id="speculation", compact=True)
+                    yield Label("Per step", classes="field")
+                    yield self._input("num_draft_tokens", s.num_draft_tokens)
+                with Horizontal(classes="row"):
+                    yield Label("Draft model", classes="field")
+                    yield Input(s.draft_model or "", id="draft_model", compact=True,
+                                classes="value", placeholder="folder or hub id")
+                yield Static("The MTP head needs a Qwen3.5/3.6 or Qwen3-Next checkpoint; a "
+                             "draft model, the same tokenizer (Qwen3-0.6B for Qwen3-8B). Both apply to "
+                             "chats started afterwards.",
                              classes="hint")
                 yield Label("Long context: changing it reloads the model", classes="section")
                 with Horizontal(classes="row"):
@@ -134,7 +152,8 @@ class SettingsScreen(ModalScreen["Settings | None"]):
         """The settings the form holds; raises SettingsError for a bad value."""
         values: dict[str, Any] = {
             "system_prompt": self.query_one("#system_prompt", TextArea).text.strip()}
-        for name in (*SAMPLING_FIELDS, "max_tokens", "rope_factor", "max_context"):
+        for name in (*SAMPLING_FIELDS, "max_tokens", "rope_factor", "max_context",
+                     "num_draft_tokens"):
             raw = self.query_one(f"#{name}", Input).value.strip()
             label = LABELS.get(name, name.replace("_", " "))
             if not raw:
@@ -150,4 +169,10 @@ class SettingsScreen(ModalScreen["Settings | None"]):
         values["rope_scaling"] = ((self.settings.rope_scaling or "yarn")
                                   if self.query_one("#yarn", Checkbox).value else None)
         values["kv_bits"] = self.query_one("#kv_bits", Select).value or None
+        kind = self.query_one("#speculation", Select).value
+        draft = self.query_one("#draft_model", Input).value.strip() or None
+        if kind == "model" and not draft:
+            raise SettingsError("draft model: give a folder or hub id, or choose off")
+        values["speculative"] = "mtp" if kind == "mtp" else None
+        values["draft_model"] = draft if kind == "model" else None
         return replace(self.settings, **values).validate()
