@@ -11,6 +11,7 @@ so only rank 0 prints, reads stdin or serves HTTP.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,31 @@ from .runner import MODES, Driver, Stage, follow
 from .tensor import shard_tensor
 
 SHARDERS = {"tensor": shard_tensor, "pipeline": shard_pipeline}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--distributed MODE and --distributed-backend, for generate (and serve)."""
+    parser.add_argument(
+        "--distributed", choices=MODES,
+        help="run one share of the model per process started by mlx.launch: tensor (every "
+             "layer split, two all-reduces per layer: Thunderbolt) or pipeline (contiguous "
+             "layer ranges, one hop per rank per token: slower links); rank 0 prints")
+    # Not --backend: mlx.launch takes that flag itself when no `--` precedes the command.
+    parser.add_argument("--distributed-backend", default="any",
+                        choices=["any", "ring", "mpi", "jaccl", "nccl"],
+                        help="with --distributed: mx.distributed's backend (default: the one "
+                             "mlx.launch set up)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before loading, the options a distributed run cannot honour."""
+    from ..errors import QwenMLXError
+
+    for flag in ("prompt_cache", "draft_model", "speculative"):
+        if getattr(args, flag, None):
+            name = "--" + flag.replace("_", "-")
+            raise QwenMLXError(f"{name} does not work with --distributed (the other ranks "
+                               f"cannot share it): leave out {name}")
 
 
 def load_share(folder: str | Path, mode: str, *, backend: str = "any", **options: Any):

@@ -40,11 +40,13 @@ class Traffic:
     payload: int = 0
     sent: int = 0
     calls: int = 0
+    hops: int = 0  # sequential link crossings a forward waits for (latency count)
 
-    def add(self, payload: int, sent: float) -> None:
+    def add(self, payload: int, sent: float, hops: int) -> None:
         self.payload += payload
         self.sent += int(sent)
         self.calls += 1
+        self.hops += hops
 
 
 @dataclass
@@ -76,14 +78,15 @@ class Comm:
     def all_sum(self, x: mx.array) -> mx.array:
         if self.size == 1:
             return x
-        self.traffic.add(x.nbytes, 2 * (self.size - 1) / self.size * x.nbytes)
+        self.traffic.add(x.nbytes, 2 * (self.size - 1) / self.size * x.nbytes,
+                         2 * (self.size - 1))
         return mx.distributed.all_sum(x, group=self.group, stream=self.stream)
 
     def all_gather(self, x: mx.array) -> mx.array:
         """Concatenates every rank's `x` along axis 0."""
         if self.size == 1:
             return x
-        self.traffic.add(x.nbytes, (self.size - 1) * x.nbytes)
+        self.traffic.add(x.nbytes, (self.size - 1) * x.nbytes, self.size - 1)
         return mx.distributed.all_gather(x, group=self.group, stream=self.stream)
 
     def gather_last(self, x: mx.array) -> mx.array:
@@ -101,7 +104,7 @@ class Comm:
         return self.all_sum(x if self.lead else mx.zeros_like(x))
 
     def send(self, x: mx.array, dst: int) -> mx.array:
-        self.traffic.add(x.nbytes, x.nbytes)
+        self.traffic.add(x.nbytes, x.nbytes, 1)
         return mx.distributed.send(x, dst, group=self.group, stream=self.stream)
 
     def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, src: int) -> mx.array:

@@ -60,6 +60,10 @@ class Driver:
     """Rank 0's model: `model(tokens, cache, ...)` and `model.make_cache(...)` as usual,
     run by every rank; any other attribute is the sharded model's."""
 
+    # One request at a time: batched caches are merged and split on rank 0 by code the
+    # followers do not see.
+    can_batch = False
+
     def __init__(self, stage: Stage):
         self._stage = stage
         self._caches: OrderedDict[int, tuple[int, list]] = OrderedDict()
