@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=None,
                         help="reuse this checkpoint folder (written if missing)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
-                        "distributed.json")
+                        "linux-cpu" / "distributed.json")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
