@@ -113,6 +113,38 @@ def _worker_fault(folder: str, mode: str, pid_dir: str) -> int:
     return 0
 
 
+REQUESTS = [("/v1/completions", {"prompt": "the quick brown fox", "max_tokens": 8}),
+            ("/v1/completions", {"prompt": "the quick brown dog jumps", "max_tokens": 8}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                      "max_tokens": 8})]
+
+
+def _serve_replies(model, tokenizer) -> list:
+    """The HTTP server (rank 0's, with the Driver as its model), asked REQUESTS greedily.
+    No prompt cache: its copies of caches are made where the other ranks cannot see."""
+    from serve_fixtures import Running
+
+    replies = []
+    with Running(model, tokenizer, max_batch=4, cache_memory=0) as srv:
+        for path, body in REQUESTS:
+            status, out = srv.post_json(path, dict(body, model="tiny", temperature=0))
+            assert status == 200, out
+            choice = out["choices"][0]
+            replies.append(choice.get("text") or choice["message"]["content"])
+    return replies
+
+
+def _worker_serve(folder: str, mode: str, out: str) -> int:
+    from qwen_mlx.distributed import setup
+
+    loaded = setup(folder, mode, backend="ring")
+    if loaded is not None:
+        replies = _serve_replies(*loaded)
+        loaded[0].close()
+        Path(out).write_text(json.dumps(replies))
+    return 0
+
+
 # --- launching ---------------------------------------------------------------------------
 
 def _launcher() -> str | None:
@@ -315,6 +347,19 @@ def test_shares_that_do_not_divide_are_refused(folders):
         load(folders["qwen3-4bit"], shard=lambda m: shard_tensor(m, four))
 
 
+def test_serve_under_mlx_launch(launcher, folders, tmp_path):
+    """Rank 0 serves HTTP (one request at a time), rank 1 follows: the replies equal one
+    process's."""
+    from qwen_mlx.checkpoint.loader import load
+
+    expected = _serve_replies(*load(folders["qwen3"]))
+    assert all(expected), expected
+    out = tmp_path / "replies.json"
+    r = launch(2, "serve", str(folders["qwen3"]), "tensor", str(out))
+    assert out.exists(), r.stdout[-2000:] + r.stderr[-4000:]
+    assert json.loads(out.read_text()) == expected
+
+
 def test_pipeline_needs_a_layer_per_rank():
     from qwen_mlx.distributed.pipeline import layer_ranges
     from qwen_mlx.errors import QwenMLXError
@@ -331,4 +376,6 @@ if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
     if sys.argv[1] == "check":
         sys.exit(_worker_check(sys.argv[2]))
+    if sys.argv[1] == "serve":
+        sys.exit(_worker_serve(*sys.argv[2:5]))
     sys.exit(_worker_fault(*sys.argv[2:5]))

@@ -6,7 +6,8 @@ small header: the op, which cache, the shape, the cache's offset, and in tensor 
 the token ids), then runs its own share. The other ranks sit in `follow`, running the
 same forwards on their own shares and caches until rank 0 says stop (at exit).
 
-A follower keeps its caches in step with rank 0's by offset: when rank 0's cache was
+A follower makes a cache whenever rank 0 does and frees it once rank 0's is garbage
+(the ids of freed caches ride on the next header). It keeps them in step by offset: when rank 0's cache was
 trimmed (a chat that regenerates or edits, a prompt reused), the follower trims its
 own by as much, or empties it when rank 0's is empty. A hybrid's recurrent state cannot
 be trimmed, so a hybrid whose session restores a snapshot stops with a clear error.
@@ -15,7 +16,8 @@ be trimmed, so a hybrid whose session restores a snapshot stops with a clear err
 from __future__ import annotations
 
 import atexit
-from collections import OrderedDict
+import weakref
+from collections import deque
 from typing import Any
 
 import mlx.core as mx
@@ -28,9 +30,17 @@ from .pipeline import pipeline_forward
 
 MODES = ("tensor", "pipeline")
 STOP, MAKE_CACHE, FORWARD = 1, 2, 3
-HEADER = 8
+FIELDS = 8  # an instruction's own fields; then the ids of caches rank 0 has freed
+FREES = 4
+HEADER = FIELDS + FREES
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
-KEEP_CACHES = 8  # caches a follower keeps (rank 0 made them last); older ones are freed
+
+
+class Cache(list):
+    """Rank 0's per-layer cache list, with the id the followers know it by (a plain
+    list cannot carry an attribute or a weak reference)."""
+
+    cid: int = 0
 
 
 class Stage:
@@ -66,7 +76,7 @@ class Driver:
 
     def __init__(self, stage: Stage):
         self._stage = stage
-        self._caches: OrderedDict[int, tuple[int, list]] = OrderedDict()
+        self._freed: deque[int] = deque()
         self._next_id = 1
         self._closed = False
         atexit.register(self.close)
@@ -75,19 +85,20 @@ class Driver:
         return getattr(self._stage.model, name)
 
     def _header(self, *values: int) -> None:
-        row = list(values) + [0] * (HEADER - len(values))
+        freed = [self._freed.popleft() for _ in range(min(FREES, len(self._freed)))]
+        row = list(values) + [0] * (FIELDS - len(values)) + freed + [0] * (FREES - len(freed))
         mx.eval(self._stage.comm.broadcast(mx.array(row, dtype=mx.int32)))
 
     def make_cache(self, **options) -> list:
         """A cache on every rank; kv_bits and max_kv_size as `Model.make_cache`."""
         kv_bits, max_kv = options.get("kv_bits"), options.get("max_kv_size")
-        cache = self._stage.model.make_cache(**options)
-        cid, self._next_id = self._next_id, self._next_id + 1
+        cache = Cache(self._stage.model.make_cache(**options))
+        cache.cid, self._next_id = self._next_id, self._next_id + 1
         with self._stage.comm.named():
-            self._header(MAKE_CACHE, cid, kv_bits or 0, max_kv or 0)
-        self._caches[id(cache)] = (cid, cache)
-        while len(self._caches) > KEEP_CACHES:
-            self._caches.popitem(last=False)
+            self._header(MAKE_CACHE, cache.cid, kv_bits or 0, max_kv or 0)
+        # Freed on the followers with the next instruction (never a collective from
+        # inside the garbage collector).
+        weakref.finalize(cache, self._freed.append, cache.cid)
         return cache
 
     def __call__(self, inputs: mx.array, cache: list | None = None, *,
@@ -98,13 +109,13 @@ class Driver:
                                "run distributed: leave out --draft-model and --speculative")
         cid = 0
         if cache is not None:
-            entry = self._caches.get(id(cache))
-            if entry is None or entry[1] is not cache:
+            cid = getattr(cache, "cid", 0)
+            if not cid:
                 raise QwenMLXError(
-                    "in a distributed run every cache must come from the model's make_cache "
-                    "(a prompt cache file is not shared with the other ranks: leave out "
-                    "--prompt-cache)")
-            cid = entry[0]
+                    "in a distributed run every cache must come from the model's make_cache: "
+                    "a prompt cache file, or a copy a server's prompt cache made, is not "
+                    "shared with the other ranks (leave out --prompt-cache; serve with "
+                    "--cache-memory 0)")
         stage = self._stage
         B, L = inputs.shape
         offset = cache[stage.first].offset if cache else 0
@@ -136,19 +147,19 @@ def _compute_dtype(model: Model) -> mx.Dtype:
 def follow(stage: Stage) -> None:
     """A follower's loop: run rank 0's forwards on this rank's share until it stops."""
     comm = stage.comm
-    caches: OrderedDict[int, list] = OrderedDict()
+    caches: dict[int, list] = {}
     with comm.named():
         while True:
             header = comm.broadcast(mx.zeros((HEADER,), dtype=mx.int32)).tolist()
-            op = header[0]
+            for cid in header[FIELDS:]:
+                caches.pop(cid, None)
+            header, op = header[:FIELDS], header[0]
             if op == STOP:
                 return
             if op == MAKE_CACHE:
                 _, cid, kv_bits, max_kv = header[:4]
                 caches[cid] = stage.model.make_cache(kv_bits=kv_bits or None,
                                                      max_kv_size=max_kv or None)
-                while len(caches) > KEEP_CACHES:
-                    caches.popitem(last=False)
                 continue
             if op != FORWARD:
                 raise QwenMLXError(f"unknown instruction {op} from rank 0: every rank must run "
