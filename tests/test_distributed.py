@@ -361,6 +361,37 @@ def test_serve_under_mlx_launch(launcher, folders, tmp_path):
     assert json.loads(out.read_text()) == expected
 
 
+def test_what_a_distributed_run_refuses(folders):
+    """Options the other ranks cannot share are refused by name, before or at the forward
+    (a one-rank group stands in: its collectives are the identity)."""
+    import argparse
+
+    import mlx.core as mx
+
+    from qwen_mlx.checkpoint.loader import load
+    from qwen_mlx.distributed.cli import check_arguments
+    from qwen_mlx.distributed.group import Comm
+    from qwen_mlx.distributed.runner import Driver, Stage
+    from qwen_mlx.distributed.tensor import shard_tensor
+    from qwen_mlx.errors import QwenMLXError
+
+    for flag in ("prompt_cache", "draft_model", "speculative"):
+        with pytest.raises(QwenMLXError, match="--" + flag.replace("_", "-")):
+            check_arguments(argparse.Namespace(**{flag: "x"}))
+    one = Comm(None, 0, 1, ["a"], [os.getpid()])
+    model, _ = load(folders["qwen3"], shard=lambda m: shard_tensor(m, one))
+    driver = Driver(Stage(model, one, "tensor"))
+    ids = mx.array([[1, 2, 3]])
+    with pytest.raises(QwenMLXError, match="must come from the model's make_cache"):
+        driver(ids, cache=model.make_cache())  # made behind the followers' backs
+    with pytest.raises(QwenMLXError, match="speculative decoding"):
+        driver(ids, cache=driver.make_cache(), return_hidden=True)
+    assert driver.can_batch is False
+    ref, _ = load(folders["qwen3"])
+    np.testing.assert_allclose(np.array(driver(ids, cache=driver.make_cache())),
+                               np.array(ref(ids)), atol=1e-5)
+
+
 def test_pipeline_needs_a_layer_per_rank():
     from qwen_mlx.distributed.pipeline import layer_ranges
     from qwen_mlx.errors import QwenMLXError
