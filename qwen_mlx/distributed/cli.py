@@ -12,6 +12,7 @@ so only rank 0 prints, reads stdin or serves HTTP.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ def setup(folder: str | Path, mode: str, *, backend: str = "any", **options: Any
     """Rank 0: (model, tokenizer) to use as `load`'s. Any other rank: follows rank 0's
     forwards until rank 0 ends, then returns None. `options` go to `load`."""
     stage, tokenizer = load_share(folder, mode, backend=backend, **options)
+    if stage.comm.size == 1:
+        print(f"qwen-mlx: warning: --distributed {mode} found no other ranks (start every "
+              "rank with mlx.launch); running on this process alone", file=sys.stderr)
     if stage.comm.lead:
         return Driver(stage), tokenizer
     follow(stage)
