@@ -195,6 +195,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
                            "(Qwen3.5/3.6, Qwen3-Next)")
     p.add_argument("--num-draft-tokens", type=int,
                    help="drafts per step (default: 3 for a draft model, 2 for mtp)")
+    from .distributed.cli import add_arguments as add_distributed_arguments
+
+    add_distributed_arguments(p)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -305,8 +308,18 @@ def run_generate(args: argparse.Namespace) -> int:
     folder = resolve_model_path(args.model, revision=args.revision)
     check_max_context(folder, args.max_context, args.rope_scaling, args.rope_factor)
     started = time.perf_counter()
-    model, tokenizer = load(folder, dtype=args.dtype, rope_scaling=args.rope_scaling,
-                            rope_factor=args.rope_factor, max_context=args.max_context)
+    options = dict(dtype=args.dtype, rope_scaling=args.rope_scaling,
+                   rope_factor=args.rope_factor, max_context=args.max_context)
+    if args.distributed:
+        from .distributed.cli import check_arguments, setup
+
+        check_arguments(args)  # before loading: what the other ranks cannot share
+        loaded = setup(folder, args.distributed, backend=args.distributed_backend, **options)
+        if loaded is None:
+            return 0  # a follower: it ran rank 0's forwards until rank 0 ended
+        model, tokenizer = loaded
+    else:
+        model, tokenizer = load(folder, **options)
     if tokenizer is None:
         from .checkpoint.converter import TOKENIZER_HINT
 

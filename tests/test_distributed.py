@@ -411,3 +411,21 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         sys.exit(_worker_serve(*sys.argv[2:5]))
     sys.exit(_worker_fault(*sys.argv[2:5]))
+
+
+def test_generate_command_under_mlx_launch(launcher, folders):
+    """`mlx.launch -n 2 ... qwen-mlx generate --distributed tensor`: only rank 0 prints,
+    and it prints the single process's greedy text."""
+    base = ["-m", str(folders["qwen3_5"]), "--raw", "the quick brown fox", "--temperature",
+            "0", "--max-tokens", "12"]
+    env = dict(os.environ, QWEN_MLX_THREADS="1")
+    single = subprocess.run([sys.executable, "-m", "qwen_mlx.cli", "generate", *base],
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    cmd = [_launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
+           "--starting-port", str(_free_base(2)), sys.executable, "-m", "qwen_mlx.cli",
+           "generate", *base, "--distributed", "tensor"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env,
+                       cwd=HERE.parent.parent)
+    assert r.stdout == single.stdout, (r.stdout, single.stdout, r.stderr[-2000:])
+    assert single.stdout.strip()

@@ -58,11 +58,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds Ctrl+C waits for running requests (default 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    from ..distributed.cli import add_arguments as add_distributed_arguments
+
+    add_distributed_arguments(p)
     return p
 
 
 def build_server(args: argparse.Namespace):
-    """Load the model as `chat` does and make the `Server` (no socket yet)."""
+    """Load the model as `chat` does and make the `Server` (no socket yet); None on a
+    distributed run's follower rank, after rank 0 ended."""
     from ..checkpoint.loader import load
     from ..checkpoint.models import DEFAULT_MODEL, prepare_model
     from .app import Limits, Server
@@ -76,15 +80,27 @@ def build_server(args: argparse.Namespace):
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
     source = args.model or DEFAULT_MODEL
     folder = prepare_model(source, revision=args.revision)
-    model, tokenizer = load(folder, dtype=args.dtype, max_context=args.max_context)
+    batch, cache_memory = args.max_batch, args.cache_memory
+    if getattr(args, "distributed", None):
+        from ..distributed.cli import setup
+
+        loaded = setup(folder, args.distributed, backend=args.distributed_backend,
+                       dtype=args.dtype, max_context=args.max_context)
+        if loaded is None:
+            return None  # a follower: it ran rank 0's forwards until rank 0 ended
+        model, tokenizer = loaded
+        # The other ranks mirror one request's caches at a time and cannot see copies.
+        batch, cache_memory = 1, 0
+    else:
+        model, tokenizer = load(folder, dtype=args.dtype, max_context=args.max_context)
     if tokenizer is None:
         raise QwenMLXError(f"{folder} has no tokenizer.json: the server needs one")
     names = args.model_names or list(dict.fromkeys([source, Path(folder).name]))
     limits = Limits(max_body=args.max_body, max_tokens=args.max_tokens,
                     default_max_tokens=min(args.default_max_tokens, args.max_tokens))
     return Server(model, tokenizer, names, api_key=key, limits=limits,
-                  max_batch=args.max_batch, prefill_step=args.prefill_step_size,
-                  cache_memory=args.cache_memory)
+                  max_batch=batch, prefill_step=args.prefill_step_size,
+                  cache_memory=cache_memory)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s")
     server = build_server(args)
+    if server is None:
+        return 0  # a distributed follower, done when rank 0 stopped
     if args.host not in ("127.0.0.1", "localhost", "::1") and not server.api_key:
         print(f"qwen-mlx: warning: serving on {args.host} without --api-key: anyone who "
               "can reach this port can use the model", file=sys.stderr)
