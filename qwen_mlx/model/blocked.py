@@ -20,8 +20,9 @@ from typing import Any
 
 import mlx.core as mx
 
-# Bytes of float32 scores one key block may hold: the bound on attention's temporaries.
-SCORE_BUDGET = 1 << 25
+# Bytes of float32 scores one key block may hold (8 MiB): a few such blocks are
+# live at once, and they bound attention's temporaries.
+SCORE_BUDGET = 1 << 23
 MIN_BLOCK = 256
 
 

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Decode speed at a long context over a quantized KV cache: reading it with
+mx.quantized_matmul (this tree) against dequantizing all of it every token (the
+model code of --before-commit, extracted with git archive).
+
+The model is benchmarks/long_context_memory.py's Qwen2.5-7B-1M attention shape cut
+to --layers layers; its cache is filled with --context random positions (what
+the keys hold does not change the cost), then --steps tokens are decoded and
+the median seconds per token are printed, with float KV for reference.
+
+    python benchmarks/long_context_decode.py --context 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from long_context_memory import ROOT, SHAPE  # noqa: E402
+
+RUN = r"""
+import json, statistics, sys, time
+import mlx.core as mx
+from qwen_mlx.model.config import ModelConfig
+from qwen_mlx.model.decoder import Model
+cfg, n, bits, steps, dtype = json.loads(sys.argv[1])
+model = Model(ModelConfig.from_dict(cfg))
+model.set_dtype(getattr(mx, dtype))
+mx.eval(model.parameters())
+cache = model.make_cache(kv_bits=bits)
+H, D = cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
+for a in range(0, n, 4096):
+    m = min(4096, n - a)
+    for c in cache:
+        c.update(mx.random.normal((1, H, m, D)).astype(getattr(mx, dtype)),
+                 mx.random.normal((1, H, m, D)).astype(getattr(mx, dtype)))
+    mx.eval([x for c in cache for p in c.state() for x in (p if isinstance(p, tuple) else (p,))])
+tok = mx.array([[1]])
+times = []
+for i in range(steps + 2):
+    t = time.perf_counter()
+    mx.eval(model(tok, cache=cache))
+    times.append(time.perf_counter() - t)
+print(json.dumps({"median": statistics.median(times[2:]), "peak": mx.get_peak_memory()}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--before-commit", default="65e71fa")
+    args = ap.parse_args()
+    cfg = dict(SHAPE, num_hidden_layers=args.layers, vocab_size=1024, intermediate_size=1024)
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    rows = {}
+    with tempfile.TemporaryDirectory() as before:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.before_commit,
+                                  "qwen_mlx"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", before], input=archive, check=True)
+        for bits in (None, 8, 4):
+            for version, path in (("before", before), ("after", str(ROOT))):
+                out = subprocess.run(
+                    [sys.executable, "-c", RUN, json.dumps([cfg, args.context, bits,
+                                                            args.steps, args.dtype])],
+                    env={"PYTHONPATH": ":".join([path, *site]), "PATH": "/usr/bin:/bin"},
+                    capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                rows[version, bits] = r
+                print(f"kv {bits or 'float':>5}  {version:6}  {r['median'] * 1000:8.2f} ms/token"
+                      f"  peak {r['peak'] / 2**20:7.1f} MiB", flush=True)
+            b, a = rows["before", bits]["median"], rows["after", bits]["median"]
+            print(f"kv {bits or 'float':>5}  after/before time {a / b:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
