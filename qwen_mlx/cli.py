@@ -19,7 +19,7 @@ from .errors import QwenMLXError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-mlx",
-        description="Run Qwen models (Qwen1 to Qwen3-MoE) locally with MLX.",
+        description="Run Qwen models (Qwen1 to Qwen3.5/3.6 and Qwen3-Next) locally with MLX.",
     )
     parser.add_argument("--version", action="version", version=f"qwen-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -84,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clean", action="store_true",
                        help="remove the synthetic checkpoints and converted models from the "
                             "work folder: alone, at once; with a model or --shape, after the run")
+    from .quality.cli import add_parser as add_quality_parsers
     from .serve.cli import add_parser as add_serve_parser
 
     add_serve_parser(sub)
+    add_quality_parsers(sub)
     info = sub.add_parser("info", help="describe a model folder: family, shapes, context, "
                                        "vocabulary, dtype, parameters, quantization")
     info.add_argument("model", help="a local model folder (Hugging Face or mlx-lm layout)")
@@ -133,18 +135,23 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mtp", dest="mtp", action="store_false",
                    help="leave out a Qwen3.5/3.6/Next checkpoint's multi-token-prediction "
                         "head (kept by default, in mtp.safetensors, for speculative decoding)")
+    from .quality.cli import add_awq_arguments
+
+    add_awq_arguments(p)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     from .checkpoint.converter import convert
     from .checkpoint.quantize import RECIPES
+    from .quality.cli import awq_options
 
     if args.bits is not None and args.recipe and RECIPES[args.recipe].low_bits:
         raise QwenMLXError(f"--recipe {args.recipe} sets the bits itself; drop --bits")
     result = convert(args.source, args.mlx_path, quantize=args.quantize or args.bits is not None,
                      bits=args.bits or 4, group_size=args.group_size, dtype=args.dtype,
                      recipe=args.recipe, revision=args.revision, force=args.force,
-                     dequantize=args.dequantize, check=args.check, mtp=args.mtp)
+                     dequantize=args.dequantize, check=args.check, mtp=args.mtp,
+                     **awq_options(args))
     print(result.summary())
     return 0
 
@@ -697,6 +704,12 @@ def _serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _quality(args: argparse.Namespace) -> int:
+    from .quality.cli import run
+
+    return run(args)
+
+
 def _count(n: int) -> str:
     return f"{n:,} ({n / 1e9:.2f} B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.2f} M)"
 
@@ -716,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cpu_count()  # a bad QWEN_MLX_THREADS fails here, before a model loads
         return {"bench": run_bench, "chat": run_chat, "convert": run_convert,
-                "generate": run_generate, "info": _info, "serve": _serve}[args.command](args)
+                "generate": run_generate, "info": _info, "serve": _serve,
+                "perplexity": _quality, "attention": _quality}[args.command](args)
     except QwenMLXError as e:
         print(f"qwen-mlx: error: {e}", file=sys.stderr)
         return 2
