@@ -436,11 +436,11 @@ class _Replacer:
         self.config, self.result = config, result
 
     def __call__(self, name: str, t: mx.array) -> mx.array:
-        from .weights import _C_ATTN, _GROUPED, qwen1_name
+        from .weights import QWEN1_C_ATTN, GROUPED_LINEAR, qwen1_name
 
         weights = self.result.weights
         if self.config.family == "qwen":
-            m = _C_ATTN.match(name)
+            m = QWEN1_C_ATTN.match(name)
             if m:
                 layer, suffix = m.groups()
                 H = self.config.hidden_size
@@ -452,7 +452,7 @@ class _Replacer:
                          for i, p in enumerate(parts)]
                 return mx.concatenate(parts, axis=0)
             name = qwen1_name(name)
-        m = _GROUPED.match(name)
+        m = GROUPED_LINEAR.match(name)
         if m:
             # A row permutation of in_proj_qkv/z (b/a): the columns' scale applies as it is.
             s = self.result.input_scales.get(f"{m.group(1)}.in_proj_qkv")

@@ -38,7 +38,7 @@ _QWEN1_RENAMES = [
     (re.compile(r"^transformer\.h\.(\d+)\.mlp\.w1\."), r"model.layers.\1.mlp.up_proj."),
     (re.compile(r"^transformer\.h\.(\d+)\.mlp\.c_proj\."), r"model.layers.\1.mlp.down_proj."),
 ]
-_C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(\w+)$")
+QWEN1_C_ATTN = re.compile(r"^transformer\.h\.(\d+)\.attn\.c_attn\.(\w+)$")
 _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 _FUSED_EXPERTS = re.compile(r"^(.*\.mlp)\.experts\.(gate_up_proj|down_proj)$")
 _VL_PREFIXES = [("model.language_model.", "model."), ("language_model.model.", "model."),
@@ -48,7 +48,7 @@ _NESTED_FAMILIES = ("qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen3
 _ZERO_CENTRED = re.compile(r"(^|\.)(input_layernorm|post_attention_layernorm|q_norm|k_norm|"
                            r"pre_fc_norm_embedding|pre_fc_norm_hidden)\.weight$|"
                            r"^(model|mtp)\.norm\.weight$")
-_GROUPED = re.compile(r"^(.*\.linear_attn)\.(in_proj_qkvz|in_proj_ba)\.(\w+)$")
+GROUPED_LINEAR = re.compile(r"^(.*\.linear_attn)\.(in_proj_qkvz|in_proj_ba)\.(\w+)$")
 
 
 def is_zero_centred_norm(name: str) -> bool:
@@ -90,7 +90,7 @@ def module_paths(path: str, config: ModelConfig) -> list[str]:
     """Our module path(s) for a checkpoint's module path (Qwen1's c_attn becomes three)."""
     if config.family != "qwen":
         return [path]
-    m = _C_ATTN.match(path + ".weight")
+    m = QWEN1_C_ATTN.match(path + ".weight")
     if m:
         return [f"model.layers.{m.group(1)}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
     return [qwen1_name(path + ".")[:-1]]
@@ -135,7 +135,7 @@ class WeightMapper:
         if config.tie_word_embeddings and name.startswith("lm_head."):
             return []  # tied: the embedding is the head
         if self.rename_qwen1:
-            m = _C_ATTN.match(name)
+            m = QWEN1_C_ATTN.match(name)
             if m:
                 return _split_c_attn(m.group(1), m.group(2), w, config)
             name = qwen1_name(name)
@@ -153,7 +153,7 @@ class WeightMapper:
                     f"{lc.value_head_dim}; linear_conv_kernel_dim {lc.conv_kernel}); the "
                     "weights do not match the config")
             return [(name, w.moveaxis(2, 1))]  # [C, 1, K] -> MLX's [C, K, 1]
-        m = _GROUPED.match(name)
+        m = GROUPED_LINEAR.match(name)
         if m and config.linear is not None and not self.keep_grouped:
             return _ungroup(m.group(1), m.group(2), m.group(3), w, config)
         m = _EXPERT.match(name)
