@@ -259,12 +259,16 @@ class MTPDrafter:
         self._todo = []
         self._base = self.cache[0].offset + tokens.shape[1] - 1  # before the (h_prev, y) pair
         drafts, qs = [], []
+        model = self.model
         for i in range(k):
-            logits, h = self.model.mtp_forward(h, tokens, self.cache)
-            token, q = draw(logits[:, -1, :])
+            # The queued pairs only fill the block's cache: the vocabulary projection (the
+            # dearest part of a draft step) runs for the last position alone.
+            positions = model.positions(self.cache[0].offset, tokens.shape[1])
+            h = model.mtp(h, model.model.embed_tokens(tokens), positions, self.cache)[:, -1:]
+            token, q = draw(model.head(h)[:, -1, :])
             drafts.append(token)
             qs.append(q)
-            h, tokens = h[:, -1:], token[None]
+            tokens = token[None]
         out = mx.concatenate(drafts)
         mx.eval(out, *(q for q in qs if q is not None))
         return out.tolist(), None if qs[0] is None else mx.stack(qs)
