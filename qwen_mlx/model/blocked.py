@@ -24,6 +24,9 @@ import mlx.core as mx
 # live at once, and they bound attention's temporaries.
 SCORE_BUDGET = 1 << 23
 MIN_BLOCK = 256
+# Keys per block over a quantized cache: where quantized_matmul has no fused kernel (the
+# CPU) it dequantizes its operand, so this bounds that copy too.
+QUANTIZED_BLOCK = 4096
 
 
 @dataclass
@@ -88,6 +91,8 @@ def attend(parts: list[Part], keys: Any, values: Any, *, bits: int | None = None
     Dv, v_group = _layout(values, bits)
     if block is None:
         block = max(MIN_BLOCK, SCORE_BUDGET // (4 * B * Hq * L))
+        if bits is not None:
+            block = min(block, QUANTIZED_BLOCK)
     kx, vx = _expand(keys), _expand(values)
     m = mx.full((B, Hkv, G, L, 1), -mx.inf, dtype=mx.float32)
     total = mx.zeros((B, Hkv, G, L, 1), dtype=mx.float32)
