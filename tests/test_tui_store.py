@@ -184,6 +184,8 @@ BAD_VALUES = [
     ("max_tokens", None), ("rope_scaling", "wild"), ("rope_scaling", 4),
     ("rope_factor", 0.5), ("rope_factor", float("inf")), ("max_context", 1),
     ("max_context", 2.5), ("kv_bits", 3), ("kv_bits", "8"), ("system_prompt", 42),
+    ("speculative", "eagle"), ("num_draft_tokens", 0), ("num_draft_tokens", "3"),
+    ("draft_model", 7),
 ]
 
 
@@ -192,7 +194,8 @@ def test_one_bad_setting_drops_only_that_field_and_names_it(tmp_path, name, valu
     good = {"system_prompt": "You are a pirate.", "temperature": 0.3, "top_p": 0.8,
             "top_k": 12, "min_p": 0.05, "repetition_penalty": 1.1, "presence_penalty": 0.5,
             "max_tokens": 300, "rope_scaling": "yarn", "rope_factor": 2.0,
-            "max_context": 4096, "kv_bits": 8}
+            "max_context": 4096, "kv_bits": 8, "speculative": None,
+            "draft_model": "./Qwen3-0.6B", "num_draft_tokens": 4}
     data = {**good, name: value}
     path = tmp_path / "settings.json"
     path.write_text(json.dumps(data))  # NaN and Infinity as Python's json writes them
