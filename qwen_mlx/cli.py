@@ -184,7 +184,10 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache")
     p.add_argument("--max-kv-size", type=int, help="keep at most this many positions (rotating)")
-    p.add_argument("--prefill-step-size", type=int, default=512)
+    p.add_argument("--prefill-step-size", "--prefill-chunk", dest="prefill_step_size", type=int,
+                   default=512, help="prompt tokens per prefill forward (default 512): its "
+                                     "temporaries, not the context, bound prefill memory")
+    add_long_context_arguments(p)
     p.add_argument("--rope-scaling", choices=["yarn", "linear", "dynamic", "default"],
                    help="extend the context (YaRN is what Qwen recommends)")
     p.add_argument("--rope-factor", type=finite_float, default=4.0)
@@ -205,6 +208,36 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     from .distributed.cli import add_arguments as add_distributed_arguments
 
     add_distributed_arguments(p)
+
+
+def add_long_context_arguments(p: argparse.ArgumentParser) -> None:
+    """--dca and --qwen1-window, for generate and chat."""
+    p.add_argument("--dca", choices=["on", "off"],
+                   help="Dual Chunk Attention (Qwen2.5-1M): on by itself when the config has "
+                        "dual_chunk_attention_config; off runs plain attention")
+    p.add_argument("--qwen1-window", nargs="?", const="default", metavar="W0,W1,...",
+                   help="Qwen1 only: layer-wise window attention, lower layers within shorter "
+                        "windows (the default rule, or one window per layer, 'none' for full)")
+
+
+def apply_long_context(model, args: argparse.Namespace) -> None:
+    """What --dca and --qwen1-window ask of a loaded model."""
+    from .model.dca import set_dca
+    from .model.long_context import set_qwen1_window
+
+    if getattr(args, "dca", None):
+        set_dca(model, args.dca == "on")
+    spec = getattr(args, "qwen1_window", None)
+    if spec:
+        if spec == "default":
+            set_qwen1_window(model, True)
+        else:
+            try:
+                windows = [None if w.strip() == "none" else int(w) for w in spec.split(",")]
+            except ValueError:
+                raise QwenMLXError(f"--qwen1-window {spec!r}: give one window per layer, "
+                                   "like 256,512,none") from None
+            set_qwen1_window(model, windows)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -337,6 +370,7 @@ def run_generate(args: argparse.Namespace) -> int:
                            f"{TOKENIZER_HINT}")
     with _as_flags(("kv_bits", "max_kv_size")):
         check_cache_options(model, args.kv_bits, args.max_kv_size)
+    apply_long_context(model, args)
     draft = None
     if args.draft_model:
         draft_folder = resolve_model_path(args.draft_model)
@@ -363,6 +397,16 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         cache = model.make_cache(**options)
     cached, new = reuse_cache(cache, cached, ids)
+    from .model.long_context import context_info, memory_warning
+
+    info = context_info(model, kv_bits=args.kv_bits, max_kv_size=args.max_kv_size,
+                        prefill_chunk=args.prefill_step_size)
+    if info.dca or info.yarn_factor:
+        print(f"qwen-mlx: {info.describe()}", file=sys.stderr)
+    warning = memory_warning(model, len(ids) + args.max_tokens, kv_bits=args.kv_bits,
+                             max_kv_size=args.max_kv_size, prefill_chunk=args.prefill_step_size)
+    if warning:
+        print(f"qwen-mlx: warning: {warning}", file=sys.stderr)
     if draft is not None and cached:
         raise QwenMLXError("--draft-model cannot continue a --prompt-cache file (the draft "
                            "has no cache of its own there): leave one of them out")

@@ -23,12 +23,14 @@ def kv_cache_bytes(session: Any) -> int:
 
 def limit_label(model: Any) -> str:
     """"YaRN 4x" when the model was loaded with YaRN and the context limit reaches past
-    the native context (a max context within it leaves YaRN nothing to extend), else ""."""
+    the native context (a max context within it leaves YaRN nothing to extend), "DCA"
+    when Dual Chunk Attention is on, both joined, else ""."""
+    labels = ["DCA"] if getattr(model, "dca", None) is not None else []
     rope = model.config.rope
-    if rope.rope_type != "yarn":
-        return ""
     native = rope.original_max_position_embeddings or 0
-    return f"YaRN {rope.factor:g}x" if model.max_context > native else ""
+    if rope.rope_type == "yarn" and model.max_context > native:
+        labels.append(f"YaRN {rope.factor:g}x")
+    return " · ".join(labels)
 
 
 def reply_reserve(limit: int, max_tokens: int) -> int:

@@ -199,6 +199,7 @@ def prefill(model, tokens: Sequence[int], cache: list, *, step: int = 512,
             if observer is not None:
                 observer(chunk, out[1])
             _eval_cache(cache)
+            mx.clear_cache()  # the chunk's temporaries go back now, not at the end
     return True
 
 

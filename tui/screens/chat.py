@@ -291,8 +291,22 @@ class ChatScreen(Screen):
             limit=model.max_context,
             kv_bytes=kv if kv is not None else (old.kv_bytes if old else 0),
             label=limit_label(model), thinking=self._thinking_label(),
-            reasoning_saved=saved if saved is not None else (old.reasoning_saved if old else 0))
+            reasoning_saved=saved if saved is not None else (old.reasoning_saved if old else 0),
+            **self._limit_memory(model))
         self.query_one(ContextMeter).show(self.context)
+
+    def _limit_memory(self, model) -> dict:
+        """The KV cache's bytes at the context limit and the machine's memory (computed
+        once per model and KV setting)."""
+        from qwen_mlx.model.long_context import context_info
+
+        key = (id(model), self.app.settings.kv_bits)
+        if getattr(self, "_limit_key", None) != key:
+            info = context_info(model, kv_bits=self.app.settings.kv_bits)
+            self._limit_key = key
+            self._limit_values = {"kv_at_limit": info.cache_bytes_at_limit,
+                                  "memory": info.memory_bytes}
+        return self._limit_values
 
     def _measure(self) -> None:
         """Measure the history in a worker (a long chat takes a while to tokenize)."""

@@ -34,6 +34,8 @@ class ContextState:
     label: str = ""  # "YaRN 4x"
     thinking: str = "thinking on"
     reasoning_saved: int = 0
+    kv_at_limit: int = 0  # what the KV cache needs once the context is full
+    memory: int = 0  # the machine's memory for MLX
 
     @property
     def fraction(self) -> float:
@@ -109,6 +111,12 @@ class ContextMeter(Widget):
             first = f"{state.used:,} of {state.limit:,} context positions used"
         lines = [first + (f" ({state.label})" if state.label else ""),
                  f"The KV cache holds {byte_size(state.kv_bytes)}."]
+        if state.kv_at_limit:
+            lines.append(f"At the context limit it needs {byte_size(state.kv_at_limit)}"
+                         + (f" of {byte_size(state.memory)} memory" if state.memory else "")
+                         + ("; the model and that do not fit: lower the max context or "
+                            "quantize the KV cache in the settings" if state.memory
+                            and state.kv_at_limit > state.memory else "") + ".")
         if state.fraction > WARN_AT:
             lines.append("When a message no longer fits, the oldest turns are dropped "
                          "(the system prompt stays).")
