@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -23,11 +24,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..errors import QwenMLXError
-from ..generate.generation import make_tool_parser, check_token_ids
+from ..generate.generation import check_token_ids, make_tool_parser, tool_call_format
 from ..generate.sampling import Sampler, generation_config_defaults, resolve_sampling
 from ..text.thinking import thinking_enabled
 from ..text.tokenizer import check_fits_model
 from .batching import Delta, Finished, Job, Scheduler
+from .json_mask import JsonConstraint, JsonVocabulary
 from .schema import GenerationRequest, RequestError, parse_chat, parse_completion
 
 log = logging.getLogger("qwen_mlx.serve")
@@ -35,6 +37,19 @@ log = logging.getLogger("qwen_mlx.serve")
 # state is stored there, since a recurrence cannot go back.
 _PROBE = [{"role": "assistant", "content": "\ue002", "reasoning_content": "\ue003"},
           {"role": "user", "content": "\ue000"}]
+
+
+def forced_tool_opening(kind: str | None, name: str | None) -> str:
+    """The start of a tool call that `tool_choice` forces onto the reply, in the format
+    the template teaches: a call of `name`, or of any function when `name` is None.
+
+    JSON (Qwen2.5/Qwen3): the model writes on from the arguments (or from the name); the
+    XML form (Qwen3.5): from the first parameter (or from the function's name)."""
+    if kind == "xml":
+        return "<tool_call>\n<function=" + (f"{name}>\n" if name is not None else "")
+    if name is None:
+        return "<tool_call>\n"
+    return '<tool_call>\n{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
 
 
 @dataclass
@@ -59,6 +74,8 @@ class Server:
                                    cache_memory=cache_memory)
         self.created = int(time.time())
         self.http_errors = 0
+        self._json_vocab: JsonVocabulary | None = None
+        self._json_lock = threading.Lock()
         self.hybrid = any(k != "attention" for k in model.config.layer_kinds) or any(
             model.config.sliding_windows)
         check_fits_model(tokenizer, model.config.vocab_size, getattr(tokenizer, "origin", None))
@@ -171,16 +188,27 @@ class Server:
         tok, model = self.tokenizer, self.model
         tools = req.tools
         snapshot_at = None
+        forced, constraint = "", None
+        enable_thinking = req.enable_thinking
+        if chat and (req.json_object or req.tool_choice == "required"):
+            # The constraint and the forced opening start the answer itself.
+            enable_thinking = False
         try:
             if chat:
-                thinking = thinking_enabled(req.messages, req.enable_thinking,
+                thinking = thinking_enabled(req.messages, enable_thinking,
                                             soft_switch=tok.has_soft_switch(tools=tools))
                 ids = tok.apply_chat_template(req.messages, add_generation_prompt=True,
-                                              enable_thinking=req.enable_thinking, tools=tools)
+                                              enable_thinking=enable_thinking, tools=tools)
+                if req.tool_choice == "required":
+                    forced = forced_tool_opening(tool_call_format(tok, tools, "auto"),
+                                                 req.tool_name)
+                    ids = ids + tok.encode(forced)
+                if req.json_object:
+                    constraint = JsonConstraint(self.json_vocabulary())
                 if self.hybrid:
                     probe = tok.apply_chat_template(req.messages + _PROBE,
                                                     add_generation_prompt=True,
-                                                    enable_thinking=req.enable_thinking,
+                                                    enable_thinking=enable_thinking,
                                                     tools=tools)
                     p = next((i for i, (a, b) in enumerate(zip(ids, probe)) if a != b),
                              min(len(ids), len(probe)))
@@ -215,7 +243,15 @@ class Server:
                    max_tokens=max_tokens, stop=req.stop, tokenizer=tok,
                    tool_parser=make_tool_parser(tok, tools, "auto") if chat else None,
                    logprobs=req.top_logprobs if req.logprobs else None, emit=emit,
-                   snapshot_at=snapshot_at)
+                   snapshot_at=snapshot_at, forced=forced, constraint=constraint)
+
+    def json_vocabulary(self) -> JsonVocabulary:
+        """The tokenizer's JSON masks, built on the first json_object request."""
+        with self._json_lock:
+            if self._json_vocab is None:
+                self._json_vocab = JsonVocabulary.for_tokenizer(self.tokenizer,
+                                                                self.model.config.vocab_size)
+            return self._json_vocab
 
     async def _generate(self, request: Request, *, chat: bool) -> Response:
         started = time.perf_counter()

@@ -32,6 +32,7 @@ from ..generate.worker import WORKER
 from ..model.cache import cache_arrays
 from ..text.thinking import ThinkingParser
 from ..text.tool_calls import ToolCallParser
+from .json_mask import JsonConstraint
 from .prompt_lru import PromptLRU, copy_prefix
 
 log = logging.getLogger("qwen_mlx.serve")
@@ -65,12 +66,16 @@ class Job:
     """One request in the scheduler: its prompt, sampling and text pipeline.
 
     `emit` is called on the scheduler's thread with each `Delta`, then one `Finished`.
-    `sampler` makes the request's Sampler; it runs on the MLX thread, where its arrays live."""
+    `sampler` makes the request's Sampler; it runs on the MLX thread, where its arrays live.
+    `forced` is reply text the prompt already ends with (a forced tool-call opening): it
+    goes through the reply's parsers first, so a call it opens parses whole. `constraint`
+    masks each step's logits (json_object)."""
 
     def __init__(self, ids: list[int], *, sampler: Callable[[], Sampler], max_tokens: int,
                  stop: list[str], tokenizer, tool_parser: ToolCallParser | None,
                  logprobs: int | None, emit: Callable[[Any], None],
-                 snapshot_at: int | None = None) -> None:
+                 snapshot_at: int | None = None, forced: str = "",
+                 constraint: JsonConstraint | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.ids, self.make_sampler, self.max_tokens = ids, sampler, max_tokens
         self.sampler: Sampler | None = None
@@ -88,6 +93,8 @@ class Job:
         self._eos = set(tokenizer.eos_token_ids) | {
             i for i in (tokenizer.im_start_id,) if i is not None}
         self.called_tools = False
+        self.constraint = constraint
+        self._pending = self._split([("answer", forced)]) if forced else []
         # Scheduler state.
         self.cache: list | None = None  # the single-row cache while prefilling
         self.cached = 0  # prompt tokens reused from the prompt cache
@@ -121,10 +128,13 @@ class Job:
         self.generated.append(token)
         if self.first_token is None:
             self.first_token = time.perf_counter()
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        pending, self._pending = self._pending, []
         if token in self._eos:
-            return [], "stop"
+            return pending, "stop"
         text, stopped = self._stops.feed(self._detok.add_token(token))
-        deltas = self._split(self._thinking.feed(text)) if text else []
+        deltas = pending + (self._split(self._thinking.feed(text)) if text else [])
         if logprob is not None:
             if not deltas:
                 deltas.append(Delta(self._thinking.phase))
@@ -137,10 +147,11 @@ class Job:
 
     def flush(self, finish: str) -> list[Delta]:
         """The text held back (partial stop strings, tags, an unclosed call)."""
+        pending, self._pending = self._pending, []
         tail = self._stops.flush() if finish != "stop" else ""
         tail += self._detok.finalize() if finish != "stop" else ""
-        deltas = self._split((self._thinking.feed(tail) if tail else [])
-                             + self._thinking.flush())
+        deltas = pending + self._split((self._thinking.feed(tail) if tail else [])
+                                       + self._thinking.flush())
         if self._tools is not None:
             deltas += [Delta("answer", p.text) for p in self._tools.flush() if p.text]
         return deltas
@@ -390,7 +401,10 @@ class Scheduler:
             arrays = [a for j in rows for a in cache_arrays(j.cache)]
         picked = []
         for i, job in enumerate(rows):
-            t = job.sampler(logits[i:i + 1])
+            row = logits[i:i + 1]
+            if job.constraint is not None:
+                row = job.constraint.apply(row)
+            t = job.sampler(row)
             job.sampler.observe(t)
             picked.append(t)
         chosen = mx.concatenate(picked)

@@ -128,7 +128,8 @@ class GenerationRequest:
     # chat only
     messages: list[dict[str, Any]] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str = "auto"
+    tool_choice: str = "auto"  # "none", "auto" or "required" (a named function too)
+    tool_name: str | None = None  # the function a named tool_choice forces
     enable_thinking: bool | None = None
     json_object: bool = False
     # completions only
@@ -304,22 +305,30 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
     return tools or None
 
 
-def _tool_choice(value: Any, tools: list | None) -> str:
+def _tool_choice(value: Any, tools: list | None) -> tuple[str, str | None]:
+    """("none" | "auto" | "required", the function a named choice forces or None)."""
     if value is None:
-        return "auto"
+        return "auto", None
     if isinstance(value, str):
         if value not in ("none", "auto", "required"):
             raise RequestError(f"tool_choice {show(value)} is not none, auto, required or a "
                                "function", "tool_choice")
-        return value
+        if value == "required" and not tools:
+            raise RequestError("tool_choice \"required\" needs tools to call", "tool_choice")
+        return value, None
     _need(isinstance(value, dict), "tool_choice", "a string or an object", value)
+    if value.get("type", "function") != "function":
+        raise RequestError(f"tool_choice.type {show(value.get('type'))} is not supported: "
+                           "only \"function\"", "tool_choice.type")
     fn = value.get("function")
     _need(isinstance(fn, dict), "tool_choice.function", "an object", fn)
     name = _str(fn.get("name"), "tool_choice.function.name")
-    if not tools or name not in {t["function"]["name"] for t in tools}:
+    names = [t["function"]["name"] for t in tools or ()]
+    if name not in names:
+        given = f"tools has {', '.join(map(show, names))}" if names else "no tools are given"
         raise RequestError(f"tool_choice names the function {show(name)}, which is not in "
-                           "tools", "tool_choice.function.name")
-    return "required"
+                           f"tools ({given})", "tool_choice.function.name")
+    return "required", name
 
 
 def parse_chat(body: Any, served: list[str], max_tokens_limit: int) -> GenerationRequest:
@@ -327,7 +336,7 @@ def parse_chat(body: Any, served: list[str], max_tokens_limit: int) -> Generatio
     common = _common(body, served, max_tokens_limit)
     messages = _messages(body.get("messages"))
     tools = _tools(body.get("tools"))
-    choice = _tool_choice(body.get("tool_choice"), tools)
+    choice, tool_name = _tool_choice(body.get("tool_choice"), tools)
     thinking = _bool(body, "enable_thinking")
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None:
@@ -343,6 +352,10 @@ def parse_chat(body: Any, served: list[str], max_tokens_limit: int) -> Generatio
             raise RequestError(f"response_format.type {show(kind)} is not supported: use "
                                "\"text\" or \"json_object\"", "response_format.type")
         json_object = kind == "json_object"
+        if json_object and choice == "required":
+            raise RequestError("response_format json_object cannot be combined with a forced "
+                               "tool_choice: the reply would be a tool call, not JSON content",
+                               "response_format")
         if json_object and not any("json" in (m.get("content") or "").lower()
                                    for m in messages):
             raise RequestError("response_format json_object needs the messages to ask for "
@@ -354,6 +367,7 @@ def parse_chat(body: Any, served: list[str], max_tokens_limit: int) -> Generatio
         raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
     return GenerationRequest(**common, logprobs=logprobs, top_logprobs=top, messages=messages,
                              tools=None if choice == "none" else tools, tool_choice=choice,
+                             tool_name=tool_name,
                              enable_thinking=thinking, json_object=json_object)
 
 
