@@ -259,13 +259,9 @@ class MTPDrafter:
         self._todo = []
         self._base = self.cache[0].offset + tokens.shape[1] - 1  # before the (h_prev, y) pair
         drafts, qs = [], []
-        model = self.model
         for i in range(k):
-            # The queued pairs only fill the block's cache: the vocabulary projection (the
-            # dearest part of a draft step) runs for the last position alone.
-            positions = model.positions(self.cache[0].offset, tokens.shape[1])
-            h = model.mtp(h, model.model.embed_tokens(tokens), positions, self.cache)[:, -1:]
-            token, q = draw(model.head(h)[:, -1, :])
+            logits, h = self.model.mtp_forward(h, tokens, self.cache, last_only=True)
+            token, q = draw(logits[:, -1, :])
             drafts.append(token)
             qs.append(q)
             tokens = token[None]

@@ -186,15 +186,19 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def mtp_forward(self, hidden: mx.array, next_tokens: mx.array, cache: list,
-                    ) -> tuple[mx.array, mx.array]:
+    def mtp_forward(self, hidden: mx.array, next_tokens: mx.array, cache: list, *,
+                    last_only: bool = False) -> tuple[mx.array, mx.array]:
         """(logits, hidden) of the MTP block (hybrid spec §5) for pairs of the trunk's
-        hidden states at positions p and the tokens at p + 1; its cache's offset is p."""
+        hidden states at positions p and the tokens at p + 1; its cache's offset is p.
+        `last_only`: both for the last pair only (earlier pairs only fill the cache, and
+        the vocabulary projection is the dearest part of a draft)."""
         if self.mtp is None:
             raise QwenMLXError("this model has no MTP block (mtp.* weights)")
         offset = cache[0].offset if cache else 0
         h = self.mtp(hidden, self.model.embed_tokens(next_tokens),
                      self.positions(offset, next_tokens.shape[1]), cache)
+        if last_only:
+            h = h[:, -1:]
         return self.head(h), h
 
     def check_prompt(self, ids: Sequence[int]) -> None:
