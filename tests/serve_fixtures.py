@@ -78,6 +78,23 @@ class Running:
         return out
 
 
+def load_tiny(folder, family: str):
+    """(model, tokenizer) of a tiny random `family` checkpoint built in `folder`: qwen3 or
+    qwen3_moe (transformers-built, conftest) or qwen3_5 (a hybrid, hybrid_fixtures), with
+    the tiny tokenizer and the family's template."""
+    import qwen_mlx
+    from conftest import build_checkpoint, write_tiny_tokenizer
+    from hybrid_fixtures import build_case_with_tokenizer
+
+    if family == "qwen3_5":
+        folder = build_case_with_tokenizer("qwen3_5-flat", folder, "qwen3_5").folder
+    else:
+        build_checkpoint(folder, family, vocab_size=300, max_position_embeddings=512)
+        write_tiny_tokenizer(folder, vocab=300, chat_template="qwen3")
+    # The tool-use templates' instructions alone run past the fixtures' 512 positions.
+    return qwen_mlx.load(folder, dtype="float32", max_context=2048)
+
+
 def wait_for(condition, what: str, deadline: float = DEADLINE) -> None:
     """Poll `condition` until it holds; fail after `deadline` seconds."""
     end = time.monotonic() + deadline

@@ -18,13 +18,10 @@ import pytest
 pytest.importorskip("torch")
 openai = pytest.importorskip("openai")
 
-import qwen_mlx  # noqa: E402
-from conftest import build_checkpoint, write_tiny_tokenizer  # noqa: E402
-from hybrid_fixtures import build_case_with_tokenizer  # noqa: E402
 from qwen_mlx.generate.generation import stream_generate  # noqa: E402
 from qwen_mlx.serve.batching import Delta, Finished, Job  # noqa: E402
 from qwen_mlx.text.tool_calls import ToolCallParser  # noqa: E402
-from serve_fixtures import Running  # noqa: E402
+from serve_fixtures import Running, load_tiny  # noqa: E402
 
 MAX = 10
 TOOLS = [{"type": "function", "function": {
@@ -35,14 +32,7 @@ TOOLS = [{"type": "function", "function": {
 
 @pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "qwen3_5"])
 def served(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param) / "m"
-    if request.param == "qwen3_5":
-        folder = build_case_with_tokenizer("qwen3_5-flat", folder, "qwen3_5").folder
-    else:
-        build_checkpoint(folder, request.param, vocab_size=300, max_position_embeddings=512)
-        write_tiny_tokenizer(folder, vocab=300, chat_template="qwen3")
-    # The tool-use templates' instructions alone run past the fixtures' 512 positions.
-    model, tokenizer = qwen_mlx.load(folder, dtype="float32", max_context=2048)
+    model, tokenizer = load_tiny(tmp_path_factory.mktemp(request.param) / "m", request.param)
     with Running(model, tokenizer) as srv:
         client = openai.OpenAI(base_url=srv.url, api_key="unused", max_retries=0, timeout=30)
         yield model, tokenizer, srv, client
