@@ -250,3 +250,47 @@ def test_masks_agree_with_the_checker():
         want[end] = is_complete(state)
         assert (allowed == want).all(), p
         assert allowed.any()
+
+
+def test_batched_rows_keep_their_own_constraint(served):
+    """json_object rows and a plain row decoding in one batch each get what they get
+    alone: the mask is per row, and a row without one is not masked."""
+    import threading
+
+    family, model, tokenizer, srv, client = served
+    asks = [("reply in JSON: hello world", True), ("JSON for: def main", True),
+            ("the quick brown fox", False)]
+
+    def ask(c, text, constrained):
+        extra = {"response_format": {"type": "json_object"}} if constrained else {}
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                               "content": text}],
+                                      max_tokens=24, temperature=0,
+                                      extra_body={"enable_thinking": False}, **extra)
+        return r.choices[0].message.content
+
+    solo = [ask(client, t, c) for t, c in asks]  # this server runs one row at a time
+    with Running(model._model, tokenizer, limits=LIMITS) as batched:
+        other = openai.OpenAI(base_url=batched.url, api_key="unused", max_retries=0,
+                              timeout=30)
+        got: dict[int, str] = {}
+        barrier = threading.Barrier(len(asks))
+
+        def run(i):
+            barrier.wait(timeout=30)
+            got[i] = ask(other, *asks[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        rows = batched.metrics()["qwen_mlx_decode_rows_total"]
+        steps = batched.metrics()["qwen_mlx_decode_steps_total"]
+    assert [got[i] for i in range(len(asks))] == solo
+    for (text, constrained), content in zip(asks, solo):
+        if constrained:
+            assert advance(START, content.encode()) is not None
+    assert advance(START, solo[2].encode()) is None  # the plain row was not bent
+    if model.can_batch:
+        assert rows > steps  # some step carried more than one row
