@@ -35,9 +35,9 @@ def copy_prefix(cache: list, n: int) -> list:
     out = []
     for c in cache:
         if isinstance(c, KVCache):
-            new = KVCache()
+            new = KVCache(c.bits)
             if n and c.keys is not None:
-                new.set_state(c.keys[..., :n, :], c.values[..., :n, :], n)
+                new.set_state(c.storage.slice(c.keys, 0, n), c.storage.slice(c.values, 0, n), n)
         elif isinstance(c, LinearCache):
             if n != c.offset:
                 raise ValueError("a DeltaNet state cannot be cut")
@@ -46,7 +46,7 @@ def copy_prefix(cache: list, n: int) -> list:
         elif isinstance(c, RotatingKVCache):
             if n != c.offset:
                 raise ValueError("a rotating cache is reused whole")
-            new = RotatingKVCache(c.window)
+            new = RotatingKVCache(c.window, c.bits, sinks=c.sinks)
             k, v = c.state()
             new.set_state(k, v, c.offset)
         else:
