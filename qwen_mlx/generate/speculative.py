@@ -56,15 +56,6 @@ class SpeculativeStats:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
 
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class DraftSampler:
     """Draws drafts: the target's sampling without its penalties (any draft distribution
     keeps the rule exact; this one is close to the target's), over the ids both share."""
@@ -114,6 +105,8 @@ class ModelDrafter:
 
     def sync(self, held: Sequence[int]) -> None:
         """The target's cache now holds `held`: go back to what is shared, queue the rest."""
+        from .generation import _shared
+
         common = _shared(self.ids, held)
         drop = len(self.ids) - common
         if drop and not all([c.trim(drop) for c in self.cache]):
