@@ -306,12 +306,12 @@ def test_killed_rank_stops_every_rank(launcher, folders, tmp_path):
         pids = [int((pid_dir / f"{r}.pid").read_text()) for r in range(2)]
         os.kill(pids[1], signal.SIGKILL)
         killed = time.monotonic()
-        out, err = p.communicate(timeout=20)
+        out, err = p.communicate(timeout=45)
         took = time.monotonic() - killed
     finally:
         if p.poll() is None:
             p.kill()
-    assert took < 10, took
+    assert took < 30, took  # seconds, not a hang; generous for a busy CI machine
     assert "rank 1 (" in err and "died" in err, err[-3000:]
     assert "rank 0 (" in err, err[-3000:]  # the survivor says who it is
     for pid in pids:
