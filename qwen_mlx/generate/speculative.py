@@ -486,5 +486,7 @@ def layer_draft(model, num_layers: int):
     draft.model.layers = model.model.layers[:num_layers]
     if not c.tie_word_embeddings:
         draft.lm_head = model.lm_head
-    draft.max_context = model.max_context
+    # What was switched on the target after loading (DCA, Qwen1 windows) holds here too.
+    draft.max_context, draft.dca = model.max_context, model.dca
+    draft.windows = model.windows[:num_layers]
     return draft
