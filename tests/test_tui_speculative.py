@@ -91,3 +91,11 @@ def test_bad_speculation_settings_are_named():
         Settings(speculative="mtp", num_draft_tokens=0).validate()
     kept, problems = Settings.from_saved({"speculative": "eagle", "system_prompt": "hi"})
     assert kept.system_prompt == "hi" and kept.speculative is None and problems
+
+
+async def test_mtp_on_a_checkpoint_without_one_says_so_and_stays_off(dense, tmp_path):
+    app = make_app(dense, tmp_path, settings={"speculative": "mtp", "max_tokens": 8})
+    async with app.run_test(size=SIZE) as pilot:
+        await send(pilot, "hello")
+        assert app.chat.session.drafter is None
+        assert any("no MTP head" in n.message for n in app._notifications)

@@ -171,6 +171,14 @@ class ChatApp(App[None]):
     def _model_loaded(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer, self.model_error = model, tokenizer, None
         self.chat.model_ready()
+        self._warn_without_mtp()
+
+    def _warn_without_mtp(self) -> None:
+        if (self.settings.speculative == "mtp" and self.model is not None
+                and getattr(self.model, "mtp", None) is None):
+            self.notify("This checkpoint has no MTP head (mtp.* weights): speculative "
+                        "decoding stays off. Convert it again without --no-mtp, or use a "
+                        "draft model.", severity="warning", markup=False)
 
     def _model_failed(self, error: str) -> None:
         self.model_error = error
@@ -202,11 +210,8 @@ class ChatApp(App[None]):
             self.reload_model()
         elif settings.draft_model != old.draft_model:
             self.load_draft()
-        if (settings.speculative == "mtp" and self.model is not None
-                and getattr(self.model, "mtp", None) is None):
-            self.notify("This checkpoint has no MTP head (mtp.* weights): speculative "
-                        "decoding stays off. Convert it again without --no-mtp, or use a "
-                        "draft model.", severity="warning", markup=False)
+        if settings.speculative != old.speculative:
+            self._warn_without_mtp()
         self.notify("Settings saved.")
 
     # ---------------------------------------------------------------- helpers
