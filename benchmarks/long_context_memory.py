@@ -123,6 +123,8 @@ def extrapolate(results: list[dict], contexts: list[int]) -> list[tuple]:
         for bits in (16, 8, 4):
             pts = sorted((r["context"], r["peak"]) for r in results
                          if r["version"] == version and r["bits"] == bits)
+            if len(pts) < 2:
+                continue  # one measured context: nothing to draw a line through
             (n0, p0), (n1, p1) = pts[-2], pts[-1]
             slope = (p1 - p0) / (n1 - n0)
             out += [(version, bits, n, p1 + slope * (n - n1)) for n in contexts if n > n1]
