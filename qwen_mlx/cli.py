@@ -211,7 +211,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_long_context_arguments(p: argparse.ArgumentParser) -> None:
-    """--dca and --qwen1-window, for generate and chat."""
+    """--dca and --qwen1-window, for generate."""
     p.add_argument("--dca", choices=["on", "off"],
                    help="Dual Chunk Attention (Qwen2.5-1M): on by itself when the config has "
                         "dual_chunk_attention_config; off runs plain attention")
