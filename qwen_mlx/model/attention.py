@@ -59,9 +59,12 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps)
         self.qk_norm = c.qk_norm
 
-    def __call__(self, x: mx.array, positions: Positions, cache=None) -> mx.array:
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array | None]:
+        """Queries, keys and values [B, heads, L, D] before RoPE (QK norm applied), and the
+        output gate [B, L, heads, D] of gated attention (else None)."""
         B, L, _ = x.shape
         q = self.q_proj(x)
+        gate = None
         if self.gated:
             q = q.reshape(B, L, self.num_heads, 2 * self.head_dim)
             q, gate = q[..., :self.head_dim], q[..., self.head_dim:]
@@ -71,14 +74,25 @@ class Attention(nn.Module):
         if self.qk_norm:  # Qwen3 and the hybrids: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        return q, k, v, gate
+
+    def rotate(self, q: mx.array, k: mx.array, positions: Positions
+               ) -> tuple[mx.array, mx.array]:
+        """RoPE on the rotary dims of q and k, then Qwen1's LogN query scale."""
+        q = positions.rotate(q, self.rotary_dim)
+        k = positions.rotate(k, self.rotary_dim)
+        if positions.query_scale is not None:
+            q = q * positions.query_scale.astype(q.dtype)
+        return q, k
+
+    def __call__(self, x: mx.array, positions: Positions, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v, gate = self.project(x)
         dca = positions.dca
         if dca is not None and not dca.plain:
             out = self._dual_chunk(q, k, v, positions, cache)
         else:
-            q = positions.rotate(q, self.rotary_dim)
-            k = positions.rotate(k, self.rotary_dim)
-            if positions.query_scale is not None:
-                q = q * positions.query_scale.astype(q.dtype)
+            q, k = self.rotate(q, k, positions)
             bits = None
             if cache is not None:
                 k, v, mask = cache.update(k, v, packed=True)

@@ -152,11 +152,14 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(lc.value_head_dim, eps=config.rms_norm_eps)
         self.out_proj = Linear(lc.value_dim, H, bias=False)
 
-    def __call__(self, x: mx.array, cache=None) -> mx.array:
+    def rule_inputs(self, x: mx.array, cache=None):
+        """What the delta rule reads, as this layer forms it: q, k (normalized, q scaled,
+        repeated per value head), v [B, Hv, T, D] and g, β [B, Hv, T], all float32; then
+        the conv inputs [B, T, C] and the conv state that preceded them (the cache's conv
+        state advances)."""
         B, T, _ = x.shape
         Hk, Hv, Dk, Dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         mixed = self.in_proj_qkv(x)
-        z = self.in_proj_z(x).reshape(B, T, Hv, Dv)
         b, a = self.in_proj_b(x), self.in_proj_a(x)
 
         conv, prev_conv = self._conv(mixed, cache)
@@ -171,8 +174,15 @@ class GatedDeltaNet(nn.Module):
         q, k = (l2_normalize(t.astype(mx.float32)) for t in (q, k))
         q = q * Dk ** -0.5
         q, k = (mx.repeat(t, r, axis=2) if r > 1 else t for t in (q, k))
-        heads = [t.transpose(0, 2, 1, 3) for t in (q, k, v.astype(mx.float32))]
-        g, beta = g.transpose(0, 2, 1), beta.transpose(0, 2, 1)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v.astype(mx.float32)))
+        return q, k, v, g.transpose(0, 2, 1), beta.transpose(0, 2, 1), mixed, prev_conv
+
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        B, T, _ = x.shape
+        Hv, Dk, Dv = self.num_v_heads, self.head_k_dim, self.head_v_dim
+        z = self.in_proj_z(x).reshape(B, T, Hv, Dv)
+        q, k, v, g, beta, mixed, prev_conv = self.rule_inputs(x, cache)
+        heads = [q, k, v]
         state = cache.recurrent_state if cache is not None and cache.recurrent_state is not None else \
             mx.zeros((B, Hv, Dk, Dv), dtype=mx.float32)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..errors import QwenMLXError
@@ -108,20 +107,9 @@ def capture(model, ids: Sequence[int], *, layers: Sequence[int] | None = None) -
 
 def attention_probs(attn, x: mx.array, positions) -> mx.array:
     """softmax(q·kᵀ·scale) [B, heads, L, L] in float32, as `Attention` forms q and k."""
-    B, L, _ = x.shape
-    D = attn.head_dim
-    q = attn.q_proj(x)
-    if attn.gated:  # each head's query, then its gate
-        q = q.reshape(B, L, attn.num_heads, 2 * D)[..., :D]
-    q = q.reshape(B, L, attn.num_heads, D)
-    k = attn.k_proj(x).reshape(B, L, attn.num_kv_heads, D)
-    if attn.qk_norm:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
-    q = positions.rotate(q, attn.rotary_dim)
-    k = positions.rotate(k, attn.rotary_dim)
-    if positions.query_scale is not None:
-        q = q * positions.query_scale.astype(q.dtype)
+    L = x.shape[1]
+    q, k, _, _ = attn.project(x)
+    q, k = attn.rotate(q, k, positions)
     k = mx.repeat(k, attn.num_heads // attn.num_kv_heads, axis=1)
     scores = (q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)) * positions.softmax_scale
     qi = mx.arange(L)[:, None]
@@ -135,23 +123,8 @@ def attention_probs(attn, x: mx.array, positions) -> mx.array:
 def deltanet_inputs(la, x: mx.array):
     """q, k (normalized, q scaled, repeated per value head), v, g, β of a Gated DeltaNet
     for an uncached input, as its forward forms them: [B, Hv, L, D] and [B, Hv, L]."""
-    from ..model.deltanet import l2_normalize
-
-    B, T, _ = x.shape
-    Hk, Hv, Dk, Dv = la.num_k_heads, la.num_v_heads, la.head_k_dim, la.head_v_dim
-    conv, _ = la._conv(la.in_proj_qkv(x), None)
-    q = conv[..., :la.key_dim].reshape(B, T, Hk, Dk)
-    k = conv[..., la.key_dim:2 * la.key_dim].reshape(B, T, Hk, Dk)
-    v = conv[..., 2 * la.key_dim:].reshape(B, T, Hv, Dv)
-    beta = mx.sigmoid(la.in_proj_b(x)).astype(mx.float32)
-    g = -mx.exp(la["A_log"].astype(mx.float32)) * nn.softplus(
-        la.in_proj_a(x).astype(mx.float32) + la["dt_bias"].astype(mx.float32))
-    q, k = (l2_normalize(t.astype(mx.float32)) for t in (q, k))
-    q = q * Dk ** -0.5
-    r = Hv // Hk
-    q, k = (mx.repeat(t, r, axis=2) if r > 1 else t for t in (q, k))
-    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v.astype(mx.float32)))
-    return q, k, v, g.transpose(0, 2, 1), beta.transpose(0, 2, 1)
+    q, k, v, g, beta, _, _ = la.rule_inputs(x)
+    return q, k, v, g, beta
 
 
 def effective_attention(la, x: mx.array) -> np.ndarray:
