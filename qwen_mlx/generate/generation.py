@@ -203,6 +203,30 @@ def prefill(model, tokens: Sequence[int], cache: list, *, step: int = 512,
     return True
 
 
+def prefill_head(model, prompt: Sequence[int], cache: list, *, max_tokens: int, step: int,
+                 prompt_length: int, cancel=None, mark: int | None = None,
+                 on_mark: Callable[[], None] | None = None,
+                 observer: Callable[[list[int], mx.array], None] | None = None) -> bool:
+    """Check a generation's prompt and `max_tokens`, then run all but the prompt's last
+    token into the cache, calling `on_mark` once the first `mark` are in (see `prefill`
+    for `observer`). False when `cancel` stopped it."""
+    if not prompt:
+        raise QwenMLXError("the prompt is empty: give at least one token")
+    if max_tokens < 1:
+        raise QwenMLXError(f"max_tokens must be at least 1, got {max_tokens}")
+    # Everything but the last token only fills the cache: evaluating just the
+    # keys and values lets MLX skip the last layer's attention and MLP there,
+    # and the vocabulary projection runs for one position.
+    head = list(prompt[:-1])
+    options = dict(step=step, prompt_length=prompt_length, cancel=cancel, observer=observer)
+    if on_mark is not None and mark is not None and 0 <= mark <= len(head):
+        if not prefill(model, head[:mark], cache, **options):
+            return False
+        on_mark()
+        head = head[mark:]
+    return prefill(model, head, cache, **options)
+
+
 def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler, *,
                     max_tokens: int, prefill_step_size: int = 512,
                     prompt_length: int | None = None, cancel=None,
@@ -212,23 +236,9 @@ def generate_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampler,
     except, when `max_tokens` runs out, the last one. `cancel` can stop a long prefill
     between chunks (then nothing is yielded). `on_mark` is called once the cache holds
     the first `mark` prompt tokens (at most all but the last)."""
-    if not prompt:
-        raise QwenMLXError("the prompt is empty: give at least one token")
-    if max_tokens < 1:
-        raise QwenMLXError(f"max_tokens must be at least 1, got {max_tokens}")
     total = prompt_length or len(prompt)
-    # Everything but the last token only fills the cache: evaluating just the
-    # keys and values lets MLX skip the last layer's attention and MLP there,
-    # and the vocabulary projection runs for one position.
-    head = list(prompt[:-1])
-    if on_mark is not None and mark is not None and 0 <= mark <= len(head):
-        if not prefill(model, head[:mark], cache, step=prefill_step_size, prompt_length=total,
-                       cancel=cancel):
-            return
-        on_mark()
-        head = head[mark:]
-    if not prefill(model, head, cache, step=prefill_step_size, prompt_length=total,
-                   cancel=cancel):
+    if not prefill_head(model, prompt, cache, max_tokens=max_tokens, step=prefill_step_size,
+                        prompt_length=total, cancel=cancel, mark=mark, on_mark=on_mark):
         return
 
     def step(tokens: mx.array) -> mx.array:

@@ -123,9 +123,9 @@ class ModelDrafter:
             self.unfed = []
 
     def _run(self, tokens: list[int]) -> None:
-        for i in range(0, len(tokens), self.step):
-            self.model(mx.array(tokens[i:i + self.step])[None], cache=self.cache, last_only=True)
-            mx.eval(cache_arrays(self.cache))
+        from .generation import prefill
+
+        prefill(self.model, tokens, self.cache, step=self.step)
         self.ids.extend(tokens)
 
     def propose(self, y: int, k: int, draw: DraftSampler) -> tuple[list[int], mx.array | None]:
@@ -396,19 +396,14 @@ def speculative_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampl
     decoding, the same distribution under sampling. The drafter must be in step with the
     cache (`drafter.sync(ids the cache holds)`). The cache ends holding the prompt and
     every yielded token except, possibly, the last."""
-    from .generation import prefill
+    from .generation import prefill_head
 
     stats = stats if stats is not None else SpeculativeStats()
+    stream = stream or mx.default_stream(mx.default_device())
     total = prompt_length or len(prompt)
-    head = list(prompt[:-1])
-    if on_mark is not None and mark is not None and 0 <= mark <= len(head):
-        if not prefill(model, head[:mark], cache, step=prefill_step_size, prompt_length=total,
-                       cancel=cancel, observer=drafter.observe):
-            return
-        on_mark()
-        head = head[mark:]
-    if not prefill(model, head, cache, step=prefill_step_size, prompt_length=total,
-                   cancel=cancel, observer=drafter.observe):
+    if not prefill_head(model, prompt, cache, max_tokens=max_tokens, step=prefill_step_size,
+                        prompt_length=total, cancel=cancel, mark=mark, on_mark=on_mark,
+                        observer=drafter.observe):
         return
     draw = DraftSampler(sampler.params, drafter.model.config.vocab_size, drafter.limit, sampler)
     linear = [c for c in cache if isinstance(c, LinearCache)]
@@ -422,19 +417,19 @@ def speculative_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampl
         sampler.observe(y)
         return int(y.item())
 
-    with mx.stream(stream or mx.default_stream(mx.default_device())):
+    with mx.stream(stream):
         y = step(prompt[-1])
     yield y
     produced = 1
     while produced < max_tokens:
         k = min(num_draft, max_tokens - produced - 1)
         if k < 1:
-            with mx.stream(stream or mx.default_stream(mx.default_device())):
+            with mx.stream(stream):
                 y = step(y)
             yield y
             produced += 1
             continue
-        with mx.stream(stream or mx.default_stream(mx.default_device())):
+        with mx.stream(stream):
             drafts, q = drafter.propose(y, k, draw)
             fed = [y] + drafts
             snaps = snapshot_cache(cache) if rotating else None
@@ -460,7 +455,7 @@ def speculative_tokens(model, prompt: Sequence[int], cache: list, sampler: Sampl
                 produced += 1
         finally:
             keep = 1 + min(consumed, a)
-            with mx.stream(stream or mx.default_stream(mx.default_device())):
+            with mx.stream(stream):
                 _rewind(model, cache, snaps, fed, keep, total)
                 drafter.after_verify(fed[:keep], hidden[:, :keep])
         y = nxt
