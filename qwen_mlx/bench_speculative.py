@@ -102,15 +102,20 @@ def verify_cost(model, context: int, k: int, reps: int = 5) -> dict:
     mx.eval(cache_arrays(cache))
     tokens = rng.integers(0, 1000, k + 1).tolist()
     linear = [c for c in cache if isinstance(c, LinearCache)]
+    snap = [c.state() for c in cache]
+
+    def back(n: int) -> None:
+        """Back to the prefill, for the next repetition: the last `n` positions dropped."""
+        for c, state in zip(cache, snap):
+            if not c.trim(n):
+                c.set_state(*state, context)
 
     def singles() -> float:
         t = time.perf_counter()
         for tok in tokens:
             mx.eval(model(mx.array([[tok]]), cache=cache, last_only=True))
         spent = time.perf_counter() - t
-        for c in cache:  # back to the prefill, for the next repetition
-            if not c.trim(k + 1):
-                c.set_state(*snap[cache.index(c)], context)
+        back(k + 1)
         return spent
 
     def verify() -> float:
@@ -124,12 +129,8 @@ def verify_cost(model, context: int, k: int, reps: int = 5) -> dict:
         _rewind(model, cache, None, tokens, 1, None)  # keep y only: the costliest rollback
         mx.eval(cache_arrays(cache))
         spent = time.perf_counter() - t
-        for c in cache:
-            if not c.trim(1):
-                c.set_state(*snap[cache.index(c)], context)
+        back(1)
         return spent
-
-    snap = [c.state() for c in cache]
     singles(), verify()  # warm up
     s = float(np.median([singles() for _ in range(reps)]))
     v = float(np.median([verify() for _ in range(reps)]))
@@ -177,7 +178,7 @@ def speculative_benchmark(folder: Path, *, draft: str | None, speculative: str |
                           log: Callable[[str], None] = print) -> dict:
     """Decode tok/s with and without speculation (see the module docstring)."""
     from .checkpoint.loader import load
-    from .generate.speculative import DEFAULT_DRAFT_TOKENS, layer_draft
+    from .generate.speculative import DEFAULT_DRAFT_TOKENS, layer_draft, load_draft
 
     model, tok = load(folder, dtype=dtype)
     n = model.config.num_layers
@@ -200,8 +201,7 @@ def speculative_benchmark(folder: Path, *, draft: str | None, speculative: str |
     else:
         from .checkpoint.hub import resolve_model_path
 
-        spec = dict(draft_model=load(resolve_model_path(draft), dtype=dtype),
-                    num_draft_tokens=k)
+        spec = dict(draft_model=load_draft(draft, dtype=dtype), num_draft_tokens=k)
         how = f"the draft model {draft}"
         factors = [1.0]
     peer = peer_draft = None

@@ -326,7 +326,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .generate.prompt_cache import (check_writable, model_fingerprint, open_prompt_cache,
                                         write_prompt_cache)
     from .generate.sampling import SamplingParams
-    from .generate.speculative import check_num_draft
+    from .generate.speculative import check_num_draft, load_draft
 
     for name in ("max_tokens", "prefill_step_size", "max_kv_size"):
         value = getattr(args, name)
@@ -371,13 +371,7 @@ def run_generate(args: argparse.Namespace) -> int:
     with _as_flags(("kv_bits", "max_kv_size")):
         check_cache_options(model, args.kv_bits, args.max_kv_size)
     apply_long_context(model, args)
-    draft = None
-    if args.draft_model:
-        draft_folder = resolve_model_path(args.draft_model)
-        draft = load(draft_folder, dtype=args.dtype)
-        if draft[1] is None:
-            raise QwenMLXError(f"the draft model {draft_folder} has no tokenizer.json, so its "
-                               "vocabulary cannot be checked against the target's")
+    draft = load_draft(args.draft_model, dtype=args.dtype) if args.draft_model else None
     load_time = time.perf_counter() - started
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])

@@ -129,8 +129,7 @@ class ChatApp(App[None]):
     def _load_draft(self, model: Any, tokenizer: Any) -> None:
         """Load the settings' draft model (on the calling worker thread); a draft that
         cannot serve is reported and left out, the chat goes on without it."""
-        from qwen_mlx.checkpoint.hub import resolve_model_path
-        from qwen_mlx.generate.speculative import check_draft_vocabulary
+        from qwen_mlx.generate.speculative import check_draft_vocabulary, load_draft
 
         source = self.settings.draft_model
         if source == self._draft_source:
@@ -139,9 +138,7 @@ class ChatApp(App[None]):
         if not source:
             return
         try:
-            draft = self.mlx.run(lambda: load(resolve_model_path(source)))
-            if draft[1] is None:
-                raise ValueError(f"{source} has no tokenizer.json to check its vocabulary by")
+            draft = self.mlx.run(load_draft, source)
             check_draft_vocabulary(tokenizer, draft[1])
         except Exception as e:
             self.call_from_thread(self.notify, f"The draft model is not used: {e}",

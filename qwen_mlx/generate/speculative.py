@@ -305,6 +305,20 @@ def check_num_draft(n: Any) -> int:
     return int(n)
 
 
+def load_draft(source: str | Path, *, dtype: str | None = None) -> tuple[Any, Any]:
+    """A draft model and its tokenizer (which its vocabulary is checked by) from a
+    folder or a hub repo id."""
+    from ..checkpoint.hub import resolve_model_path
+    from ..checkpoint.loader import load
+
+    folder = resolve_model_path(source)
+    model, tokenizer = load(folder, dtype=dtype)
+    if tokenizer is None:
+        raise QwenMLXError(f"the draft model {folder} has no tokenizer.json, so its "
+                           "vocabulary cannot be checked against the target's")
+    return model, tokenizer
+
+
 def make_drafter(model, tokenizer, *, draft_model: Any = None, speculative: str | None = None,
                  kv_bits: int | None = None, max_kv_size: int | None = None,
                  prefill_step_size: int = 512) -> ModelDrafter | MTPDrafter | None:
@@ -322,9 +336,7 @@ def make_drafter(model, tokenizer, *, draft_model: Any = None, speculative: str 
     if draft_model is None:
         return None
     if isinstance(draft_model, (str, Path)):
-        from ..checkpoint.loader import load
-
-        draft_model = load(draft_model)
+        draft_model = load_draft(draft_model)
     if not (isinstance(draft_model, tuple) and len(draft_model) == 2):
         raise QwenMLXError("draft_model must be a model folder, a hub id, or the "
                            "(model, tokenizer) pair qwen_mlx.load returns")
