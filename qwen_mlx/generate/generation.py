@@ -348,10 +348,41 @@ def _num_draft(drafter, requested: Any) -> int:
                            else requested)
 
 
-def opens_thinking(tokenizer, ids: Sequence[int]) -> bool:
+def _opens_thinking(tokenizer, ids: Sequence[int]) -> bool:
     """Whether the prompt ends inside a <think> block the template opened."""
     tail = tokenizer.decode(list(ids[-8:]), skip_special_tokens=False)
     return tail.rfind("<think>") > tail.rfind("</think>")
+
+
+def end_ids(tokenizer) -> set[int]:
+    """The ids that end a reply: ChatML models end a turn with <|im_end|>, and one that
+    opens another turn is done too."""
+    return set(tokenizer.eos_token_ids) | {i for i in (tokenizer.im_start_id,) if i is not None}
+
+
+class ReplyText:
+    """A reply's tokens as (phase, text) pieces: detokenized, held back and cut at stop
+    strings, split into reasoning and answer. Tool calls are the consumer's to parse."""
+
+    def __init__(self, tokenizer, context: Sequence[int], stop: Sequence[str]):
+        self._detok = tokenizer.detokenizer()
+        self._thinking = ThinkingParser(in_thinking=_opens_thinking(tokenizer, context))
+        self._stops = StopMatcher(stop)
+
+    @property
+    def phase(self) -> str:
+        return self._thinking.phase
+
+    def feed(self, token: int) -> tuple[list[tuple[str, str]], bool]:
+        """The pieces a token completes, and whether it reached a stop string."""
+        text, stopped = self._stops.feed(self._detok.add_token(token))
+        return (self._thinking.feed(text) if text else []), stopped
+
+    def flush(self, finish: str | None) -> list[tuple[str, str]]:
+        """The text held back (a partial stop string, an open tag); after a stop string,
+        what followed it is dropped."""
+        tail = "" if finish == "stop" else self._stops.flush() + self._detok.finalize()
+        return (self._thinking.feed(tail) if tail else []) + self._thinking.flush()
 
 
 def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: Sequence[int],
@@ -385,11 +416,8 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
                               generation_config=defaults, **sampling)
     sampler = Sampler(params, rows, prompt=list(context),
                       allowed=getattr(tokenizer, "id_limit", None))
-    detok = tokenizer.detokenizer()
-    parser = ThinkingParser(in_thinking=opens_thinking(tokenizer, context))
-    stops = StopMatcher(stop)
-    # ChatML models end a turn with <|im_end|>; one that opens another turn is done too.
-    eos = set(tokenizer.eos_token_ids) | {i for i in (tokenizer.im_start_id,) if i is not None}
+    reply = ReplyText(tokenizer, context, stop)
+    eos = end_ids(tokenizer)
     mx.reset_peak_memory()
     first = None
     n = 0
@@ -439,12 +467,12 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
         if token in eos:
             finish = "stop"
             break
-        text, stopped = stops.feed(detok.add_token(token))
-        items = split(parser.feed(text)) if text else []
+        pieces, stopped = reply.feed(token)
+        items = split(pieces)
         for phase, piece, calls, warnings in items:
             yield response(piece, token, phase, calls=calls, warnings=warnings)
         if not items:
-            yield response("", token, parser.phase)
+            yield response("", token, reply.phase)
         if stopped:
             finish = "stop"
             break
@@ -459,15 +487,13 @@ def _stream(model, tokenizer, new_ids: Sequence[int], cache: list, *, context: S
     tokens.close()  # a speculative step rolls back the drafts it did not hand out
     # The caller's thread may read or reuse the cache next: leave nothing in flight.
     _eval_cache(cache)
-    tail = stops.flush() if finish != "stop" else ""
-    tail += detok.finalize() if finish != "stop" else ""
-    items = split((parser.feed(tail) if tail else []) + parser.flush())
+    items = split(reply.flush(finish))
     if tool_parser is not None:  # an unclosed call is text now
         items += [("answer", p.text, [p.call] if p.call else [], p.warnings)
                   for p in tool_parser.flush()]
     for phase, piece, calls, warnings in items[:-1]:
         yield response(piece, None, phase, calls=calls, warnings=warnings)
-    phase, piece, calls, warnings = items[-1] if items else (parser.phase, "", [], [])
+    phase, piece, calls, warnings = items[-1] if items else (reply.phase, "", [], [])
     yield response(piece, None, phase, finish, calls=calls, warnings=warnings)
 
 

@@ -26,11 +26,10 @@ from typing import Any, Callable
 
 import mlx.core as mx
 
-from ..generate.generation import StopMatcher, opens_thinking, prefill
+from ..generate.generation import ReplyText, end_ids, prefill
 from ..generate.sampling import Sampler
 from ..generate.worker import WORKER
 from ..model.cache import cache_arrays
-from ..text.thinking import ThinkingParser
 from ..text.tool_calls import ToolCallParser
 from .json_mask import JsonConstraint
 from .prompt_lru import PromptLRU, copy_prefix
@@ -86,12 +85,9 @@ class Job:
         self.submitted = time.perf_counter()
         self.first_token: float | None = None
         # Text pipeline, as generation._stream runs it.
-        self._detok = tokenizer.detokenizer()
-        self._thinking = ThinkingParser(in_thinking=opens_thinking(tokenizer, ids))
-        self._stops = StopMatcher(stop)
+        self._reply = ReplyText(tokenizer, ids, stop)
         self._tools = tool_parser
-        self._eos = set(tokenizer.eos_token_ids) | {
-            i for i in (tokenizer.im_start_id,) if i is not None}
+        self._eos = end_ids(tokenizer)
         self.called_tools = False
         self.constraint = constraint
         self._pending = self._split([("answer", forced)]) if forced else []
@@ -133,11 +129,11 @@ class Job:
         pending, self._pending = self._pending, []
         if token in self._eos:
             return pending, "stop"
-        text, stopped = self._stops.feed(self._detok.add_token(token))
-        deltas = pending + (self._split(self._thinking.feed(text)) if text else [])
+        pieces, stopped = self._reply.feed(token)
+        deltas = pending + self._split(pieces)
         if logprob is not None:
             if not deltas:
-                deltas.append(Delta(self._thinking.phase))
+                deltas.append(Delta(self._reply.phase))
             deltas[0].logprobs.append(logprob)
         if stopped:
             return deltas, "stop"
@@ -148,10 +144,7 @@ class Job:
     def flush(self, finish: str) -> list[Delta]:
         """The text held back (partial stop strings, tags, an unclosed call)."""
         pending, self._pending = self._pending, []
-        tail = self._stops.flush() if finish != "stop" else ""
-        tail += self._detok.finalize() if finish != "stop" else ""
-        deltas = pending + self._split((self._thinking.feed(tail) if tail else [])
-                                       + self._thinking.flush())
+        deltas = pending + self._split(self._reply.flush(finish))
         if self._tools is not None:
             deltas += [Delta("answer", p.text) for p in self._tools.flush() if p.text]
         return deltas
