@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import qwen_mlx
 from conftest import build_checkpoint, write_tiny_tokenizer
 from hybrid_fixtures import build_case, build_case_with_tokenizer
+from qwen_mlx.bench_speculative import damp
 from qwen_mlx.errors import QwenMLXError
 from qwen_mlx.generate.generation import ChatSession, generate_tokens
 from qwen_mlx.generate.sampling import Sampler, SamplingParams
@@ -27,19 +28,7 @@ PROMPT = [5, 17, 33, 2, 9, 41, 12, 7, 30, 11, 3, 25]
 def damp_last_layer(model, factor: float = 0.2) -> None:
     """The last layer's contribution scaled down, so a draft of the other layers agrees
     with the target often, but not always."""
-    layer = model.model.layers[-1]
-    mixer = layer.linear_attn if layer.kind == "linear" else layer.self_attn
-    out = mixer.out_proj if layer.kind == "linear" else mixer.o_proj
-    out.weight = out.weight * factor
-    mlp = layer.mlp
-    for m in [getattr(mlp, "down_proj", None), getattr(getattr(mlp, "shared_expert", None),
-                                                        "down_proj", None)]:
-        if m is not None:
-            m.weight = m.weight * factor
-    experts = getattr(mlp, "switch_mlp", None)
-    if experts is not None:
-        experts.down_proj.weight = experts.down_proj.weight * factor
-    mx.eval(model.parameters())
+    damp(model, model.config.num_layers - 1, factor)
 
 
 def add_mtp_from_layer(folder: Path, layer: int, seed: int) -> None:
